@@ -1,0 +1,1 @@
+"""Kiln flows: Prefect composition of the stages in `tasks/`."""

@@ -1,0 +1,365 @@
+"""`kiln`: run a pipeline, see its plan, inspect artifacts, collect garbage, run one stage on loose files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.runtime import prefect_defaults
+
+prefect_defaults()  # before anything imports prefect
+
+from flows.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from flows.plan import plan_pipeline, select, store_for  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Kiln: raw text to trained language models, as a Prefect pipeline of content-addressed stages.",
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(path: str) -> PipelineConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="Pipeline config YAML."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run just this stage (its inputs must be committed)."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Recompute this stage and every stage after it."),
+    refresh: list[str] = typer.Option([], "--refresh", help="Recompute this stage even if cached (repeatable)."),
+) -> None:
+    """Run the pipeline; finished stages come back from cache."""
+    cfg = _load(config)
+    try:
+        planned = plan_pipeline(cfg, config)
+        select(planned, only, from_stage, refresh)
+    except ConfigError as e:
+        _fail(str(e))
+
+    from flows import embedded
+
+    t0 = time.perf_counter()
+    server = embedded.start_if_needed()  # boots while the imports below run
+    try:
+        from flows.pipeline import pipeline
+        from flows.runtime import task_runner
+
+        if server:
+            server.wait_ready()
+        flow = pipeline.with_options(task_runner=task_runner(cfg.runtime))
+        try:
+            refs = flow(config=cfg, only=only, from_stage=from_stage, refresh=list(refresh))
+        except ConfigError as e:
+            _fail(str(e))
+        except Exception as e:  # the flow run is recorded as Failed in Prefect; say why here too
+            _fail(f"pipeline failed: {type(e).__name__}: {e}", code=1)
+    finally:
+        if server:
+            server.stop()
+    _print_run_summary(refs, time.perf_counter() - t0)
+
+
+def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
+    from tasks.artifacts import Artifact
+
+    table = Table(title=f"kiln run: {len(refs)} stage(s) in {seconds:.1f} s", title_justify="left")
+    for col in ("stage", "status", "rows in", "kept", "rejected", "seconds"):
+        table.add_column(col, justify="left" if col in ("stage", "status") else "right")
+    notes = []
+    for name, ref in refs.items():
+        a = Artifact.open(ref["path"])
+        st = a.manifest["stats"]
+        table.add_row(
+            name,
+            "cached" if ref.get("cached") else "ran",
+            f"{st['rows_in']:,}",
+            f"{st['rows_out']:,}",
+            f"{st['rows_rejected']:,}",
+            f"{a.manifest.get('wall_seconds', st['seconds']):.2f}",
+        )
+        notes.append(f"[bold]{name}[/]: {a.path}")
+        if st["rejected"]:
+            notes.append("  rejected by reason: " + ", ".join(f"{k} {v:,}" for k, v in st["rejected"].items()))
+    console.print(table)
+    for line in notes:
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print("Inspect an artifact with [bold]kiln inspect PATH[/]; see the runs with [bold]prefect server start[/].")
+
+
+@app.command()
+def stages(config: str = typer.Argument(..., help="Pipeline config YAML.")) -> None:
+    """Each enabled stage, its fingerprint, and whether its artifact is already committed."""
+    cfg = _load(config)
+    try:
+        planned = plan_pipeline(cfg, config)
+    except ConfigError as e:
+        _fail(str(e))
+    table = Table(title=f"{cfg.name}: store {store_for(cfg).root}", title_justify="left")
+    for col in ("stage", "fingerprint", "status", "inputs", "path"):
+        table.add_column(col, overflow="fold")
+    for p in planned:
+        table.add_row(
+            p.name, p.fingerprint, "[green]cached[/]" if p.committed else "[yellow]to run[/]",
+            ", ".join(p.inputs) or "-", p.path,
+        )
+    console.print(table)
+
+
+@app.command()
+def inspect(
+    path: str = typer.Argument(..., help="An artifact directory, or a Parquet file / directory."),
+    rows: int = typer.Option(5, "--rows", "-n", help="How many rows to show."),
+    rejects: bool = typer.Option(False, "--rejects", help="Show rejected rows instead of kept ones."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """A manifest's stage, config, inputs and stats, and the first rows."""
+    from tasks.artifacts import Artifact, ArtifactError
+
+    try:
+        art = Artifact.open(path)
+    except ArtifactError as e:
+        if path.endswith(".parquet") or (os.path.isdir(path) and any(f.endswith(".parquet") for f in os.listdir(path))):
+            return _inspect_parquet(path, rows)
+        _fail(str(e))
+    m = art.manifest
+    if as_json:
+        console.print_json(json.dumps(m))
+        return
+    st = m["stats"]
+    console.print(f"[bold]{m['stage']}[/] v{m['stage_version']}  fingerprint [cyan]{m['fingerprint']}[/]  created {m['created_at']}")
+    console.print(f"path: {art.path}")
+    console.print(f"rows: {m['rows']:,} in {len(m['shards'])} shard(s), {_human(m['bytes'])} (arrow); rejects: {m['rejects_rows']:,}")
+    for i in m.get("inputs", []):
+        console.print(f"input: {i['stage']} {i['fingerprint']}  {i['path']}")
+    if m.get("sources"):
+        console.print(f"sources: {len(m['sources'])} file(s)")
+    console.print("config: " + json.dumps(m["config"], sort_keys=True))
+    stats = Table(title="stats", title_justify="left")
+    stats.add_column("metric")
+    stats.add_column("value", justify="right")
+    for k in ("rows_in", "rows_out", "rows_rejected", "bytes_in", "bytes_out", "seconds"):
+        stats.add_row(k, f"{st[k]:,}" if isinstance(st[k], int) else str(st[k]))
+    for reason, n in st["rejected"].items():
+        stats.add_row(f"rejected: {reason}", f"{n:,}")
+    for k, v in st.get("extra", {}).items():
+        stats.add_row(k, str(v))
+    console.print(stats)
+    _print_rows(art.head(rows, table="rejects" if rejects else "data"), "rejected rows" if rejects else "first rows")
+
+
+def _inspect_parquet(path: str, n: int) -> None:
+    import pyarrow.dataset as ds
+
+    d = ds.dataset(path, format="parquet")
+    console.print(f"[bold]{path}[/] (plain Parquet, no manifest): {d.count_rows():,} rows")
+    console.print(str(d.schema))
+    _print_rows(d.head(n).to_pylist(), "first rows")
+
+
+def _print_rows(rows: list[dict[str, Any]], title: str) -> None:
+    if not rows:
+        console.print(f"({title}: none)")
+        return
+    console.print(f"[bold]{title}[/]")
+    for i, r in enumerate(rows):
+        console.rule(f"row {i}", align="left")
+        for c, v in r.items():
+            s = "null" if v is None else str(v).replace("\n", "⏎ ")
+            console.print(f"[cyan]{c}[/]: " + (s[:300] + f"… ({len(s):,} chars)" if len(s) > 300 else s), highlight=False)
+
+
+@app.command()
+def gc(
+    configs: list[str] = typer.Argument(..., help="Every pipeline config whose artifacts must be kept."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+    staging_age_hours: float = typer.Option(
+        1.0, help="Remove unfinished staging directories older than this (a running stage writes to one)."
+    ),
+) -> None:
+    """Remove artifacts that none of the given pipelines references, and stale unfinished writes."""
+    keep: dict[str, set[str]] = {}
+    stores = {}
+    for path in configs:
+        cfg = _load(path)
+        try:
+            planned = plan_pipeline(cfg, path)
+        except ConfigError as e:
+            _fail(str(e))
+        store = store_for(cfg)
+        stores[store.base] = store
+        keep.setdefault(store.base, set()).update(p.path for p in planned)
+    removed, kept, freed = 0, 0, 0
+    for base, store in stores.items():
+        for _stage, _fp, path in store.committed():
+            if path in keep[base]:
+                kept += 1
+                continue
+            freed += _du(store, path)
+            removed += 1
+            console.print(f"{'would remove' if dry_run else 'removed'} {path}")
+            if not dry_run:
+                store.remove(path)
+        for path in store.leftovers():
+            if store.is_local and time.time() - os.path.getmtime(path) < staging_age_hours * 3600:
+                continue
+            freed += _du(store, path)
+            removed += 1
+            console.print(f"{'would remove' if dry_run else 'removed'} unfinished {path}")
+            if not dry_run:
+                store.remove(path)
+    verb = "would free" if dry_run else "freed"
+    console.print(f"kept {kept} referenced artifact(s); {removed} removed; {verb} {_human(freed)}")
+
+
+def _du(store, path: str) -> int:
+    try:
+        return int(store.fs.du(path))
+    except Exception:
+        return 0
+
+
+def _parse_sets(sets: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            _fail(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+@app.command("stage")
+def stage_cmd(
+    name: str = typer.Argument(..., help="Stage name (see `kiln stage --help`)."),
+    inputs: list[str] = typer.Option(..., "--input", "-i", help="Input JSONL / Parquet / text files, dirs or globs (repeatable)."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory to write Parquet shards, _manifest.json and rejects/ into."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML with the stage's settings (the stage section, or a pipeline config)."),
+    sets: list[str] = typer.Option([], "--set", help="Override a setting: key=value (dotted keys, YAML values)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already holds an artifact."),
+) -> None:
+    """Run one stage on files outside any pipeline, with the pipeline's code."""
+    import yaml
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.config import format_validation_error
+    from tasks.artifacts import Artifact, StageStats, staging_for_directory
+    from tasks.ingest import IngestStage
+    from tasks.stage import StageInputError, get_stage, run_stage
+
+    try:
+        stage = get_stage(name)
+    except KeyError as e:
+        _fail(str(e.args[0]))
+    settings: dict[str, Any] = {}
+    if config:
+        try:
+            with open(config, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            _fail(f"{config}: {e}")
+        settings = data.get(name, data) if isinstance(data, dict) else {}
+    settings = _deep_merge(settings, _parse_sets(sets))
+    loose_ingest = stage.name != "ingest"
+    if not loose_ingest:
+        settings["paths"] = list(inputs)
+    try:
+        cfg = stage.Config.model_validate(settings)
+        ingest_cfg = IngestStage.Config.model_validate({"paths": list(inputs)}) if loose_ingest else None
+    except ValidationError as e:
+        _fail(format_validation_error(e, config or "--set").replace("pipeline config", f"{name} config"))
+
+    if os.path.exists(os.path.join(output, "_manifest.json")) and not overwrite:
+        _fail(f"{output} already holds an artifact; pass --overwrite to replace it")
+    if os.path.exists(output) and not os.path.exists(os.path.join(output, "_manifest.json")) and os.listdir(output):
+        _fail(f"{output} exists and is not an artifact; choose an empty or new directory")
+
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rows]:,} rows"),
+        TimeElapsedColumn(), console=err, transient=False,
+    ) as bar:
+        def runner(stg, c, ins, out_dir):
+            task_id = bar.add_task(stg.name, total=None, rows=0)
+            state = {"rows": 0}
+
+            def progress(event: str, n: int) -> None:
+                if event == "rows":
+                    state["rows"] += n
+                    bar.update(task_id, rows=state["rows"])
+                else:
+                    bar.advance(task_id, n)
+
+            staging = staging_for_directory(out_dir)
+            staging.discard()  # `kiln stage` does not resume: it is the quick, explicit path
+            fp = stg.fingerprint(c, [a.fingerprint for a in ins])
+            return run_stage(stg, c, ins, staging, fp, progress, on_plan=lambda n: bar.update(task_id, total=n))
+
+        try:
+            inputs_art: list[Artifact] = []
+            if loose_ingest:  # documents from loose files first, with ids kept, then the stage itself
+                import tempfile
+
+                tmp = tempfile.mkdtemp(prefix="kiln-stage-")
+                inputs_art = [runner(IngestStage(), ingest_cfg, [], os.path.join(tmp, "ingest"))]
+            art = runner(stage, cfg, inputs_art, output)
+        except StageInputError as e:
+            _fail(f"{name}.{e}")
+    st: StageStats = art.stats
+    console.print(
+        f"{name}: {st.rows_in:,} rows in, {st.rows_out:,} kept, {st.rows_rejected:,} rejected "
+        f"{dict(st.rejected) or ''} in {time.perf_counter() - t0:.1f} s -> {art.path}"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The pipeline config: one pydantic model composing every stage's config, loaded from YAML.
+
+The same model is the flows' parameter, so a Prefect deployment shows it as a validated form and the
+server refuses bad values before a run exists.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.ingest import IngestConfig
+
+# The data stages in pipeline order; each consumes the output of the enabled stage before it.
+DATA_STAGES: tuple[str, ...] = ("ingest",)
+
+
+class StoreConfig(BaseModel):
+    """Where artifacts live. Shard sizes shape files, not content, so they are not fingerprinted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(".kiln/artifacts", description="Local directory or fsspec URL (s3://, gs://, ...).")
+    shard_rows: int = Field(100_000, ge=1, description="Roll to a new Parquet shard after this many rows.")
+    shard_mb: int = Field(128, ge=1, description="... or after this many MiB of (uncompressed) Arrow data.")
+
+
+class RuntimeConfig(BaseModel):
+    """Which Prefect task runner spreads the stages' units of work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="'threads': in-process thread pool (the default). 'dask': a Dask cluster."
+    )
+    workers: int = Field(2, ge=1, le=1024, description="Threads, or Dask workers for a local cluster.")
+    dask_address: str | None = Field(
+        None, description="Scheduler address of an existing Dask cluster (tcp://host:8786); none starts a local one."
+    )
+
+
+class PipelineConfig(BaseModel):
+    """A Kiln pipeline: which stages run, with what settings, storing artifacts where."""
+
+    model_config = ConfigDict(extra="forbid", title="Kiln pipeline")
+
+    name: str = Field("kiln", description="A name for this pipeline, shown in logs and reports.")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    ingest: IngestConfig | None = Field(None, description="Read local files / datasets into documents.")
+
+    def stage_config(self, name: str):
+        return getattr(self, name)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid pipeline config"]
+    for e in err.errors():
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (not allowed here; check its spelling and indentation)"
+        lines.append(f"  {_loc(e['loc'])}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> PipelineConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a pipeline config is a mapping of sections, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str) -> PipelineConfig:
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, path)

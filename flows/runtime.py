@@ -1,0 +1,28 @@
+"""Task runners and Prefect settings Kiln applies before Prefect is imported."""
+
+from __future__ import annotations
+
+import os
+
+from flows.config import RuntimeConfig
+
+
+def prefect_defaults() -> None:
+    """Settings for the embedded default; anything the user set in the environment wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")
+
+
+def task_runner(runtime: RuntimeConfig):
+    if runtime.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if runtime.dask_address:
+            return DaskTaskRunner(address=runtime.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": runtime.workers, "threads_per_worker": 1, "processes": True,
+                            "host": "127.0.0.1", "dashboard_address": None}
+        )
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=runtime.workers)

@@ -1,0 +1,136 @@
+"""The thin Prefect layer over a stage: mapped unit tasks plus one cached commit task.
+
+- `stage_unit` runs one unit of work into the stage's staging area (mapped over units with `.map`, so
+  the flow's task runner -- threads, Dask, Ray -- spreads them). A unit finished by an earlier, failed
+  attempt is not redone.
+- `stage_commit` commits the artifact and returns its ref. Its cache key is the artifact fingerprint
+  (plus the store), its result is persisted as JSON, and the flow asks Prefect to refresh it whenever
+  the artifact is missing: Prefect's cache alone would hand back the path of a deleted artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from prefect import task, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
+
+from flows.plan import PlannedStage, store_for
+from flows.config import PipelineConfig, StoreConfig
+from tasks.artifacts import Artifact, ArtifactStore
+from tasks.stage import get_stage, manifest_header, run_unit
+
+
+def _store(store_cfg: dict[str, Any]) -> ArtifactStore:
+    s = StoreConfig.model_validate(store_cfg)
+    return ArtifactStore(s.root, s.shard_rows, s.shard_mb << 20)
+
+
+def cache_key(stage_name: str, fp: str, store_root: str) -> str:
+    store_id = hashlib.sha256(_store({"root": store_root}).base.encode()).hexdigest()[:10]
+    return f"kiln-{stage_name}-{fp}-{store_id}"
+
+
+@task(name="stage-unit", task_run_name="{stage_name}[{index}]", persist_result=False)
+def stage_unit(
+    stage_name: str, cfg: dict[str, Any], input_paths: list[str], store_cfg: dict[str, Any], fp: str,
+    index: int, unit: dict[str, Any], n_units: int,
+) -> dict[str, Any]:
+    stage = get_stage(stage_name)
+    config = stage.Config.model_validate(cfg)
+    inputs = [Artifact.open(p) for p in input_paths]
+    staging = _store(store_cfg).staging(stage_name, fp)
+    result = run_unit(stage, config, inputs, staging, index, unit)
+    s = result["stats"]
+    get_run_logger().info(
+        "%s unit %d/%d: %d rows in, %d kept, %d rejected %s",
+        stage_name, index + 1, n_units, s["rows_in"], s["rows_out"], s["rows_rejected"], s["rejected"] or "",
+    )
+    return {"unit": index, "rows": result["rows"], "rejects_rows": result["rejects_rows"]}
+
+
+def _stats_table(artifact: Artifact) -> list[dict[str, Any]]:
+    st = artifact.manifest["stats"]
+    rows = [
+        {"metric": "rows in", "value": st["rows_in"]},
+        {"metric": "rows out", "value": st["rows_out"]},
+        {"metric": "rows rejected", "value": st["rows_rejected"]},
+    ]
+    rows += [{"metric": f"rejected: {reason}", "value": n} for reason, n in st["rejected"].items()]
+    rows += [
+        {"metric": "bytes in", "value": st["bytes_in"]},
+        {"metric": "bytes out (arrow)", "value": st["bytes_out"]},
+        {"metric": "unit seconds (sum)", "value": st["seconds"]},
+        {"metric": "wall seconds", "value": artifact.manifest.get("wall_seconds")},
+        {"metric": "shards", "value": len(artifact.manifest["shards"])},
+    ]
+    rows += [{"metric": k, "value": v} for k, v in sorted(st.get("extra", {}).items())]
+    rows.append({"metric": "path", "value": artifact.path})
+    return rows
+
+
+@task(
+    name="stage",
+    task_run_name="{stage_name}",
+    cache_key_fn=lambda ctx, params: cache_key(params["stage_name"], params["fp"], params["store_cfg"]["root"]),
+    persist_result=True,
+    result_serializer="json",
+)
+def stage_commit(
+    stage_name: str, cfg: dict[str, Any], input_paths: list[str], store_cfg: dict[str, Any], fp: str,
+    n_units: int, wall_seconds: float,
+) -> dict[str, Any]:
+    stage = get_stage(stage_name)
+    config = stage.Config.model_validate(cfg)
+    store = _store(store_cfg)
+    if store.is_committed(stage_name, fp):  # committed by an earlier run whose Prefect cache is gone
+        artifact = store.open(stage_name, fp)
+    else:
+        inputs = [Artifact.open(p) for p in input_paths]
+        header = manifest_header(stage, config, inputs, fp)
+        header["wall_seconds"] = round(wall_seconds, 3)
+        artifact = store.staging(stage_name, fp).commit(header, n_units)
+    st = artifact.manifest["stats"]
+    create_table_artifact(
+        key=f"{stage_name.replace('_', '-')}-stats",
+        table=_stats_table(artifact),
+        description=f"**{stage_name}** `{fp}`: {st['rows_in']} rows in, {st['rows_out']} kept, "
+        f"{st['rows_rejected']} rejected",
+    )
+    return artifact.ref()
+
+
+def run_planned_stage(
+    p: PlannedStage, config: PipelineConfig, input_refs: list[dict[str, Any]], refresh: bool
+) -> dict[str, Any]:
+    """Called from a flow: fan the units out, then commit (or take the committed artifact from cache)."""
+    import time
+
+    store = store_for(config)
+    store_cfg = config.store.model_dump()
+    cfg = p.cfg.model_dump(mode="json")
+    input_paths = [r["path"] for r in input_refs]
+    retry = dict(retries=p.cfg.retries, retry_delay_seconds=exponential_backoff(p.cfg.retry_delay_seconds))
+    committed = store.is_committed(p.name, p.fingerprint)
+    t0 = time.perf_counter()
+    n_units = 0
+    if refresh or not committed:
+        staging = store.staging(p.name, p.fingerprint)
+        if refresh:
+            staging.discard()
+        units = p.stage.plan([Artifact.open(x) for x in input_paths], p.cfg)
+        n_units = len(units)
+        futures = stage_unit.with_options(**retry).map(
+            stage_name=unmapped(p.name), cfg=unmapped(cfg), input_paths=unmapped(input_paths),
+            store_cfg=unmapped(store_cfg), fp=unmapped(p.fingerprint),
+            index=list(range(n_units)), unit=units, n_units=unmapped(n_units),
+        )
+        futures.result()  # raises the first failed unit's error
+    ref = stage_commit.with_options(refresh_cache=refresh or not committed, **retry)(
+        stage_name=p.name, cfg=cfg, input_paths=input_paths, store_cfg=store_cfg, fp=p.fingerprint,
+        n_units=n_units, wall_seconds=time.perf_counter() - t0,
+    )
+    return {**ref, "cached": committed and not refresh}

@@ -1,0 +1,364 @@
+"""Ingest: local JSONL / JSON / Parquet / text files and Hugging Face datasets on disk -> documents.
+
+One unit per input file (or dataset directory). Every input record either becomes a document or a
+reject with a reason: rows_in == rows_out + rows_rejected, always.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from tasks.artifacts import Artifact, ArtifactWriter, StageStats
+from tasks.documents import (
+    DOCUMENT_SCHEMA,
+    MAX_REJECT_TEXT_CHARS,
+    REJECT_SCHEMA,
+    DocumentBatcher,
+    meta_json,
+    stable_id,
+)
+from tasks.stage import Stage, StageConfig, StageInputError
+
+Format = Literal["auto", "jsonl", "json", "parquet", "text", "hf_dataset"]
+
+_EXT_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".ndjson.gz": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+}
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+class IngestConfig(StageConfig):
+    """Where the documents come from, and which fields hold what."""
+
+    execution_fields = StageConfig.execution_fields | {"batch_rows", "unit_mb", "unit_files"}
+
+    paths: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Files, directories or glob patterns (** recurses). Relative paths are taken from "
+        "the working directory.",
+    )
+    format: Format = Field("auto", description="Input format; 'auto' picks by extension / dataset marker files.")
+    text_extensions: list[str] = Field(
+        [".txt", ".md", ".rst", ".txt.gz"],
+        description="Extensions read as one-document-per-file text when walking directories in 'auto' mode.",
+    )
+    text_field: str = Field("text", description="Record field holding the document text.")
+    id_field: str = Field("id", description="Record field kept as the document id (a stable hash when absent).")
+    url_field: str = Field("url", description="Record field holding the document URL, if any.")
+    lang_field: str = Field("lang", description="Record field holding a language code, if any.")
+    source: str | None = Field(None, description="Source label for every document; default: the file path.")
+    batch_rows: int = Field(2048, ge=1, description="Rows per Arrow batch while reading.")
+    unit_mb: int = Field(64, ge=1, description="Group consecutive small files into units of work of about this size.")
+    unit_files: int = Field(1000, ge=1, description="... and at most this many files per unit.")
+
+    @field_validator("text_extensions")
+    @classmethod
+    def _dotted(cls, v: list[str]) -> list[str]:
+        return [e if e.startswith(".") else f".{e}" for e in v]
+
+
+def _is_hf_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _HF_MARKERS)
+
+
+def _format_of(path: str, cfg: IngestConfig, walking: bool) -> str | None:
+    if cfg.format != "auto":
+        return cfg.format
+    lower = path.lower()
+    for ext, fmt in _EXT_FORMATS.items():
+        if lower.endswith(ext):
+            return fmt
+    if any(lower.endswith(ext) for ext in cfg.text_extensions):
+        return "text"
+    # A file named explicitly is read as text; one met while walking a directory is skipped.
+    return None if walking else "text"
+
+
+def _stat_identity(path: str) -> tuple[int, int]:
+    if os.path.isdir(path):
+        size, mtime = 0, 0
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                st = os.stat(os.path.join(root, name))
+                size += st.st_size
+                mtime = max(mtime, st.st_mtime_ns)
+        return size, mtime
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def resolve_inputs(cfg: IngestConfig) -> list[dict[str, Any]]:
+    """The files to read, in a deterministic order, with what identifies their content."""
+    found: list[tuple[str, str]] = []
+    for i, pattern in enumerate(cfg.paths):
+        field = f"paths[{i}]"
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise StageInputError(field, f"no files match {pattern!r}")
+        elif os.path.exists(pattern):
+            matches = [pattern]
+        else:
+            raise StageInputError(field, f"no such file or directory: {pattern!r}")
+        for m in matches:
+            if os.path.isdir(m) and (cfg.format == "hf_dataset" or (cfg.format == "auto" and _is_hf_dataset(m))):
+                found.append((m, "hf_dataset"))
+            elif os.path.isdir(m):
+                for root, dirs, files in os.walk(m):
+                    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                    for name in sorted(files):
+                        if name.startswith("."):
+                            continue
+                        p = os.path.join(root, name)
+                        fmt = _format_of(p, cfg, walking=True)
+                        if fmt:
+                            found.append((p, fmt))
+            elif os.path.isfile(m):
+                found.append((m, _format_of(m, cfg, walking=False)))
+    if not found:
+        raise StageInputError("paths", "matched no readable files")
+    seen: set[str] = set()
+    units = []
+    for path, fmt in found:
+        absolute = os.path.abspath(path)
+        if absolute in seen:
+            continue
+        seen.add(absolute)
+        size, mtime = _stat_identity(path)
+        units.append({"path": path, "abspath": absolute, "format": fmt, "size": size, "mtime_ns": mtime})
+    return units
+
+
+class _Emitter:
+    """Turns records into documents or rejects, batching both into the writer."""
+
+    def __init__(self, cfg: IngestConfig, out: ArtifactWriter, label: str, stats: StageStats):
+        self.cfg = cfg
+        self.out = out
+        self.label = label
+        self.stats = stats
+        self.docs = DocumentBatcher(DOCUMENT_SCHEMA, cfg.batch_rows)
+        self.rejects = DocumentBatcher(REJECT_SCHEMA, cfg.batch_rows)
+
+    def reject(self, reason: str, detail: str, text: str | None, where: dict[str, Any], **fields: Any) -> None:
+        self.stats.rows_in += 1
+        self.stats.reject(reason)
+        if text is not None and len(text) > MAX_REJECT_TEXT_CHARS:
+            detail = f"{detail} (text truncated from {len(text)} chars)"
+            text = text[:MAX_REJECT_TEXT_CHARS]
+        row = {"source": self.label, "text": text, "reason": reason, "detail": detail, **fields}
+        row["meta"] = meta_json({"_ingest": where})
+        self.out.reject(self.rejects.add(**row))
+
+    def record(self, rec: Any, where: dict[str, Any]) -> None:
+        cfg = self.cfg
+        if not isinstance(rec, dict):
+            return self.reject("not_an_object", f"record is a {type(rec).__name__}", _preview(rec), where)
+        text = rec.get(cfg.text_field)
+        if text is None:
+            return self.reject("missing_text", f"no {cfg.text_field!r} field", None, where)
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                return self.reject("invalid_utf8", str(e), bytes(text).decode("utf-8", "replace"), where)
+        if not isinstance(text, str):
+            return self.reject(
+                "non_string_text", f"{cfg.text_field!r} is a {type(text).__name__}", _preview(text), where
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. JSON "\ud800"
+            return self.reject("invalid_utf8", str(e), text.encode("utf-8", "replace").decode("utf-8"), where)
+        if not text.strip():
+            return self.reject("empty_text", "text is empty or whitespace", text, where)
+
+        raw_id = rec.get(cfg.id_field)
+        doc_id = str(raw_id) if raw_id is not None else stable_id(self.label, json.dumps(where, sort_keys=True))
+        url = rec.get(cfg.url_field)
+        lang = rec.get(cfg.lang_field)
+        taken = {cfg.text_field, cfg.id_field}
+        if isinstance(url, str):
+            taken.add(cfg.url_field)
+        else:
+            url = None
+        if isinstance(lang, str):
+            taken.add(cfg.lang_field)
+        else:
+            lang = None
+        meta = {k: v for k, v in rec.items() if k not in taken}
+        meta["_ingest"] = where
+        self.stats.rows_in += 1
+        self.stats.rows_out += 1
+        self.out.write(
+            self.docs.add(id=doc_id, text=text, source=self.label, url=url, lang=lang, meta=meta_json(meta))
+        )
+
+    def flush(self) -> None:
+        self.out.write(self.docs.flush())
+        self.out.reject(self.rejects.flush())
+
+
+def _preview(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)[:MAX_REJECT_TEXT_CHARS]
+    except (TypeError, ValueError):
+        return repr(value)[:MAX_REJECT_TEXT_CHARS]
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def _read_jsonl(path: str, em: _Emitter) -> None:
+    with _open_binary(path) as f:
+        for line_no, raw in enumerate(f, 1):
+            raw = raw.rstrip(b"\r\n")
+            where = {"file": em.label, "line": line_no}
+            if not raw.strip():
+                em.stats.extra["blank_lines"] = em.stats.extra.get("blank_lines", 0) + 1
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                em.reject("invalid_utf8", str(e), raw.decode("utf-8", "replace"), where)
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                em.reject("invalid_json", str(e), line, where)
+                continue
+            em.record(rec, where)
+
+
+def _read_json(path: str, em: _Emitter) -> None:
+    where = {"file": em.label}
+    with _open_binary(path) as f:
+        raw = f.read()
+    try:
+        doc = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        return em.reject("invalid_utf8", str(e), raw.decode("utf-8", "replace"), where)
+    except json.JSONDecodeError as e:
+        stripped = raw.decode("utf-8-sig").lstrip()
+        if stripped.startswith("{") and "\n{" in stripped:  # really JSON Lines named .json
+            return _read_jsonl(path, em)
+        return em.reject("invalid_json", str(e), raw.decode("utf-8", "replace"), where)
+    records = doc if isinstance(doc, list) else [doc]
+    for i, rec in enumerate(records):
+        em.record(rec, {"file": em.label, "row": i})
+
+
+def _iter_parquet(path: str, batch_rows: int) -> Iterator[dict[str, Any]]:
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        yield from batch.to_pylist()
+
+
+def _read_records(records: Iterator[dict[str, Any]], em: _Emitter, where_extra: dict[str, Any]) -> None:
+    row = 0
+    try:
+        for row, rec in enumerate(records):
+            em.record(rec, {"file": em.label, **where_extra, "row": row})
+    except Exception as e:  # a corrupt file keeps the rows read before the damage
+        em.reject("unreadable_file", f"{type(e).__name__}: {e}", None, {"file": em.label, **where_extra})
+
+
+def _read_text(path: str, em: _Emitter) -> None:
+    where = {"file": em.label}
+    with _open_binary(path) as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return em.reject("invalid_utf8", str(e), raw.decode("utf-8", "replace"), where)
+    em.record({em.cfg.text_field: text, em.cfg.id_field: stable_id(em.label)}, where)
+
+
+def _read_hf_dataset(path: str, em: _Emitter) -> None:
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    for split, ds in sorted(splits, key=lambda kv: kv[0] or ""):
+        extra = {"split": split} if split else {}
+
+        def rows(ds=ds) -> Iterator[dict[str, Any]]:
+            for batch in ds.iter(batch_size=em.cfg.batch_rows):
+                cols = list(batch)
+                n = len(batch[cols[0]]) if cols else 0
+                for i in range(n):
+                    yield {c: batch[c][i] for c in cols}
+
+        _read_records(rows(), em, extra)
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    version = 1
+    Config = IngestConfig
+
+    def sources(self, cfg: IngestConfig) -> list[dict[str, Any]]:
+        return [
+            {"path": u["abspath"], "format": u["format"], "size": u["size"], "mtime_ns": u["mtime_ns"]}
+            for u in resolve_inputs(cfg)
+        ]
+
+    def plan(self, inputs: list[Artifact], cfg: IngestConfig) -> list[dict[str, Any]]:
+        """Files in order, grouped so that many small files do not become many tiny tasks and shards."""
+        units: list[dict[str, Any]] = []
+        group: list[dict[str, Any]] = []
+        size = 0
+        for f in resolve_inputs(cfg):
+            if group and (size + f["size"] > cfg.unit_mb << 20 or len(group) >= cfg.unit_files):
+                units.append({"files": group})
+                group, size = [], 0
+            group.append(f)
+            size += f["size"]
+        if group:
+            units.append({"files": group})
+        return units
+
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: IngestConfig, out: ArtifactWriter) -> StageStats:
+        stats = StageStats()
+        for f in unit["files"]:
+            self._read_file(f, cfg, out, stats)
+        return stats
+
+    def _read_file(self, unit: dict[str, Any], cfg: IngestConfig, out: ArtifactWriter, stats: StageStats) -> None:
+        stats.bytes_in += unit["size"]
+        em = _Emitter(cfg, out, cfg.source or unit["path"], stats)
+        path, fmt = unit["path"], unit["format"]
+        try:
+            if fmt == "jsonl":
+                _read_jsonl(path, em)
+            elif fmt == "json":
+                _read_json(path, em)
+            elif fmt == "parquet":
+                _read_records(_iter_parquet(path, cfg.batch_rows), em, {})
+            elif fmt == "text":
+                _read_text(path, em)
+            elif fmt == "hf_dataset":
+                _read_hf_dataset(path, em)
+            else:  # the config model only admits the formats above
+                raise ValueError(f"unknown format {fmt!r}")
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            em.reject("unreadable_file", f"{type(e).__name__}: {e}", None, {"file": em.label})
+        em.flush()
+        stats.extra["files"] = stats.extra.get("files", 0) + 1
