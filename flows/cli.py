@@ -16,7 +16,7 @@ from flows.runtime import prefect_defaults
 
 prefect_defaults()  # before anything imports prefect
 
-from flows.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from flows.config import ConfigError, PipelineConfig, deep_merge, load_config, parse_overrides  # noqa: E402
 from flows.plan import plan_pipeline, select, store_for  # noqa: E402
 
 app = typer.Typer(
@@ -29,13 +29,13 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def _load(path: str) -> PipelineConfig:
+def _load(path: str, overrides: list[str] | None = None) -> PipelineConfig:
     try:
-        return load_config(path)
+        return load_config(path, overrides)
     except ConfigError as e:
         _fail(str(e))
 
@@ -54,9 +54,10 @@ def run(
     only: Optional[str] = typer.Option(None, "--only", help="Run just this stage (its inputs must be committed)."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Recompute this stage and every stage after it."),
     refresh: list[str] = typer.Option([], "--refresh", help="Recompute this stage even if cached (repeatable)."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config value: key=value, e.g. store.root=/tmp/k (repeatable)."),
 ) -> None:
     """Run the pipeline; finished stages come back from cache."""
-    cfg = _load(config)
+    cfg = _load(config, sets)
     try:
         planned = plan_pipeline(cfg, config)
         select(planned, only, from_stage, refresh)
@@ -114,9 +115,12 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
 
 
 @app.command()
-def stages(config: str = typer.Argument(..., help="Pipeline config YAML.")) -> None:
+def stages(
+    config: str = typer.Argument(..., help="Pipeline config YAML."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config value: key=value (repeatable)."),
+) -> None:
     """Each enabled stage, its fingerprint, and whether its artifact is already committed."""
-    cfg = _load(config)
+    cfg = _load(config, sets)
     try:
         planned = plan_pipeline(cfg, config)
     except ConfigError as e:
@@ -245,30 +249,6 @@ def _du(store, path: str) -> int:
         return 0
 
 
-def _parse_sets(sets: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in sets:
-        if "=" not in item:
-            _fail(f"--set {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for k, v in over.items():
-        merged[k] = _deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return merged
-
-
 @app.command("stage")
 def stage_cmd(
     name: str = typer.Argument(..., help="Stage name (see `kiln stage --help`)."),
@@ -300,7 +280,10 @@ def stage_cmd(
         except (OSError, yaml.YAMLError) as e:
             _fail(f"{config}: {e}")
         settings = data.get(name, data) if isinstance(data, dict) else {}
-    settings = _deep_merge(settings, _parse_sets(sets))
+    try:
+        settings = deep_merge(settings, parse_overrides(sets))
+    except ConfigError as e:
+        _fail(str(e))
     loose_ingest = stage.name != "ingest"
     if not loose_ingest:
         settings["paths"] = list(inputs)

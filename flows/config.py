@@ -88,7 +88,36 @@ def parse_config(data: Any, source: str = "<config>") -> PipelineConfig:
         raise ConfigError(format_validation_error(e, source)) from None
 
 
-def load_config(path: str) -> PipelineConfig:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings (values parsed as YAML scalars/lists) into a nested mapping."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. store.root=/data/kiln")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML pipeline config, applying `--set key=value` overrides on top."""
     if not os.path.exists(path):
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -96,4 +125,9 @@ def load_config(path: str) -> PipelineConfig:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if overrides:
+        if data is not None and not isinstance(data, dict):
+            return parse_config(data, path)
+        data = deep_merge(data or {}, parse_overrides(overrides))
+        path = f"{path} (with --set {' '.join(overrides)})"
     return parse_config(data, path)

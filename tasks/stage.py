@@ -80,11 +80,20 @@ class Stage(ABC):
 # registry
 
 
+_REGISTERED: dict[str, Stage] = {}
+
+
+def register_stage(stage: Stage) -> Stage:
+    """Make a stage defined outside Kiln runnable by name (`kiln stage`, Prefect unit tasks)."""
+    _REGISTERED[stage.name] = stage
+    return stage
+
+
 def stage_registry() -> dict[str, Stage]:
     """Every stage that exists, by name. Stages not built yet are absent, never stubbed."""
     from tasks.ingest.stage import IngestStage
 
-    return {s.name: s for s in (IngestStage(),)}
+    return {**{s.name: s for s in (IngestStage(),)}, **_REGISTERED}
 
 
 def get_stage(name: str) -> Stage:

@@ -1,0 +1,153 @@
+"""Every `kiln` command, as a user types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.artifacts import Artifact
+
+runner = CliRunner()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kiln(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False, terminal_width=200)
+
+
+def pipeline_yaml(tmp_path, corpus, name="p.yaml", extra=""):
+    p = tmp_path / name
+    p.write_text(f"name: t\nstore:\n  root: {tmp_path / 'store'}\ningest:\n  paths: [{corpus}]\n{extra}")
+    return str(p)
+
+
+def test_stage_ingest_writes_shards_manifest_and_rejects(tmp_path, corpus):
+    out = tmp_path / "out"
+    r = kiln("stage", "ingest", "--input", str(corpus / "bad.jsonl"), "--input", str(corpus / "good.jsonl"),
+             "--output", str(out), "--set", "batch_rows=2")
+    assert r.exit_code == 0, r.output
+    assert "27 rows in, 21 kept, 6 rejected" in r.output
+    art = Artifact.open(str(out))
+    assert art.num_rows == 21 and set(art.read_table().column("id").to_pylist()) >= {"kept", "doc-0"}
+    rejects = art.read_table(table="rejects")
+    assert rejects.num_rows == 6 and "reason" in rejects.column_names
+    assert sorted(os.listdir(out / "rejects"))[0].endswith(".parquet")
+    # an existing artifact is not overwritten by accident
+    r = kiln("stage", "ingest", "--input", str(corpus), "--output", str(out))
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = kiln("stage", "ingest", "--input", str(corpus), "--output", str(out), "--overwrite")
+    assert r.exit_code == 0 and Artifact.open(str(out)).num_rows == 22
+
+
+def test_stage_with_config_file_and_bad_settings(tmp_path, corpus):
+    (tmp_path / "alt.jsonl").write_text('{"body": "text under another key", "key": "k1"}\n')
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text("ingest:\n  text_field: body\n  id_field: key\n")
+    out = tmp_path / "o"
+    r = kiln("stage", "ingest", "-i", str(tmp_path / "alt.jsonl"), "-o", str(out), "--config", str(cfg))
+    assert r.exit_code == 0, r.output
+    assert Artifact.open(str(out)).read_table().column("id").to_pylist() == ["k1"]
+    r = kiln("stage", "ingest", "-i", str(corpus), "-o", str(tmp_path / "o2"), "--set", "text_feld=x")
+    assert r.exit_code == 2 and "text_feld: unknown field" in r.output
+    r = kiln("stage", "ingest", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o3"))
+    assert r.exit_code == 2 and "ingest.paths[0]: no such file" in r.output
+    r = kiln("stage", "clean", "-i", str(corpus), "-o", str(tmp_path / "o4"))
+    assert r.exit_code == 2 and "unknown stage 'clean'" in r.output
+
+
+def test_inspect_artifact_plain_parquet_and_missing(tmp_path, corpus):
+    out = tmp_path / "out"
+    assert kiln("stage", "ingest", "-i", str(corpus), "-o", str(out)).exit_code == 0
+    r = kiln("inspect", str(out), "-n", "2")
+    assert r.exit_code == 0
+    assert "ingest v1" in r.output and "rows_in" in r.output and "rejected: invalid_json" in r.output
+    assert "row 1" in r.output and "id:" in r.output
+    r = kiln("inspect", str(out), "--rejects", "-n", "10")
+    assert "reason: invalid_utf8" in r.output
+    r = kiln("inspect", str(out), "--json")
+    assert json.loads(r.output)["stats"]["rows_out"] == 22
+    shard = out / Artifact.open(str(out)).manifest["shards"][0]
+    r = kiln("inspect", str(shard))
+    assert r.exit_code == 0 and "plain Parquet" in r.output
+    r = kiln("inspect", str(tmp_path / "nothing"))
+    assert r.exit_code == 2 and "no artifact" in r.output
+
+
+def test_stages_and_gc(tmp_path, corpus):
+    from flows.config import load_config
+    from flows.plan import plan_pipeline
+    from tasks.ingest import IngestConfig, IngestStage
+    from tasks.stage import run_in_store
+    from flows.plan import store_for
+
+    cfg_path = pipeline_yaml(tmp_path, corpus)
+    r = kiln("stages", cfg_path)
+    assert r.exit_code == 0 and "to run" in r.output
+    cfg = load_config(cfg_path)
+    planned = plan_pipeline(cfg)[0]
+    run_in_store(IngestStage(), cfg.ingest, [], store_for(cfg))
+    r = kiln("stages", cfg_path)
+    assert "cached" in r.output and planned.fingerprint in r.output
+    # an artifact no pipeline references, and a stale unfinished write
+    orphan = run_in_store(IngestStage(), IngestConfig(paths=[str(corpus / "good.jsonl")]), [], store_for(cfg))
+    stale = tmp_path / "store" / "ingest" / ".staging-deadbeef"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    r = kiln("gc", cfg_path, "--dry-run")
+    assert r.exit_code == 0 and "would remove" in r.output and os.path.exists(orphan.path)
+    r = kiln("gc", cfg_path)
+    assert r.exit_code == 0 and "kept 1 referenced" in r.output
+    assert not os.path.exists(orphan.path) and not stale.exists()
+    assert os.path.exists(planned.path)
+
+
+def test_bad_config_refused_before_any_work(tmp_path, corpus):
+    bad = pipeline_yaml(tmp_path, corpus, extra="  txt_field: body\n")
+    for cmd in (["run", bad], ["stages", bad], ["gc", bad]):
+        r = kiln(*cmd)
+        assert r.exit_code == 2 and f"{bad}: invalid pipeline config" in r.output and "ingest.txt_field" in r.output
+    assert not (tmp_path / "store").exists()
+    r = kiln("run", pipeline_yaml(tmp_path, corpus, name="ok.yaml"), "--only", "clean")
+    assert r.exit_code == 2 and "--only clean: not an enabled stage" in r.output
+    r = kiln("run", pipeline_yaml(tmp_path, corpus, name="ok.yaml"), "--set", "store.shard_rows=zero")
+    assert r.exit_code == 2 and "store.shard_rows" in r.output and "--set" in r.output
+
+
+@pytest.mark.slow
+def test_kiln_run_twice_then_cached_and_refresh(tmp_path, corpus):
+    """The real CLI in a subprocess, with its embedded Prefect API, as `make demo` runs it."""
+    cfg = pipeline_yaml(tmp_path, corpus)
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "run", cfg, *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    r1 = run()
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    assert "ingest │ ran" in r1.stdout and "invalid_json 1" in r1.stdout
+    r2 = run()
+    assert r2.returncode == 0, r2.stderr
+    assert "ingest │ cached" in r2.stdout
+    assert "Error logging to API" not in r2.stderr
+    r3 = run("--refresh", "ingest")
+    assert r3.returncode == 0 and "ingest │ ran" in r3.stdout
+
+
+@pytest.mark.slow
+def test_demo_config_runs(tmp_path):
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "configs/demo.yaml", "--set", f"store.root={tmp_path}/store"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rejected by reason" in r.stdout and str(tmp_path / "store" / "ingest") in r.stdout

@@ -1,0 +1,154 @@
+"""The Prefect layer: cached reruns, stale-cache protection, stage selection, retries, unit resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from flows.config import PipelineConfig
+from flows.pipeline import pipeline
+from tasks.artifacts import Artifact, ArtifactWriter, StageStats
+from tasks.documents import DOCUMENT_SCHEMA
+from tasks.ingest import IngestConfig
+from tasks.stage import Stage, StageConfig, register_stage
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def task_states(flow_state) -> dict[str, list[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+        )
+    out: dict[str, list[str]] = {}
+    for r in runs:
+        out.setdefault(r.name, []).append(r.state.name)
+    return out
+
+
+def config(tmp_path, corpus) -> PipelineConfig:
+    return PipelineConfig(store={"root": str(tmp_path / "store")}, ingest=IngestConfig(paths=[str(corpus)], unit_files=1))
+
+
+def test_second_run_is_cached_and_deleted_artifact_is_recomputed(tmp_path, corpus):
+    cfg = config(tmp_path, corpus)
+    s1 = pipeline(config=cfg, return_state=True)
+    refs = s1.result()
+    assert refs["ingest"]["cached"] is False
+    states = task_states(s1)
+    assert states["ingest"] == ["Completed"]
+    assert sorted(states) == ["ingest", "ingest[0]", "ingest[1]", "ingest[2]"]  # one unit per file
+    art = Artifact.open(refs["ingest"]["path"])
+    assert art.stats.rows_in == art.stats.rows_out + art.stats.rows_rejected == 28
+
+    s2 = pipeline(config=cfg, return_state=True)
+    assert s2.result()["ingest"]["cached"] is True
+    assert task_states(s2) == {"ingest": ["Cached"]}
+
+    shutil.rmtree(refs["ingest"]["path"])  # Prefect's cache still holds the ref to the deleted path
+    s3 = pipeline(config=cfg, return_state=True)
+    assert s3.result()["ingest"]["cached"] is False
+    assert task_states(s3)["ingest"] == ["Completed"]
+    assert Artifact.open(refs["ingest"]["path"]).read_table().equals(art.read_table())
+
+    s4 = pipeline(config=cfg, refresh=["ingest"], return_state=True)
+    assert task_states(s4)["ingest"] == ["Completed"] and len(task_states(s4)) == 4
+    s5 = pipeline(config=cfg, from_stage="ingest", return_state=True)
+    assert task_states(s5)["ingest"] == ["Completed"]
+
+
+def test_stats_table_artifact_is_published(tmp_path, corpus):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    pipeline(config=config(tmp_path, corpus))
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-stats"])))
+    assert arts and arts[0].type == "table"
+    table = arts[0].data if isinstance(arts[0].data, list) else __import__("json").loads(arts[0].data)
+    metrics = {row["metric"]: row["value"] for row in table}
+    assert metrics["rows in"] == 28 and metrics["rejected: invalid_json"] == 1
+
+
+class FlakyConfig(StageConfig):
+    marker_dir: str
+    fail_unit: int = 1
+    failures: int = 1
+
+
+class FlakyStage(Stage):
+    """Copies its input; unit `fail_unit` raises until it has failed `failures` times (counted on disk)."""
+
+    name = "flaky_copy"
+    version = 1
+    Config = FlakyConfig
+    output_schema = DOCUMENT_SCHEMA
+
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: FlakyConfig, out: ArtifactWriter) -> StageStats:
+        os.makedirs(cfg.marker_dir, exist_ok=True)
+        calls = os.path.join(cfg.marker_dir, f"unit-{unit['shard']}")
+        with open(calls, "a") as f:
+            f.write("x")
+        if unit["shard"] == cfg.fail_unit and os.path.getsize(calls) <= cfg.failures:
+            raise RuntimeError(f"planted failure in unit {unit['shard']}")
+        art = inputs[unit["input"]]
+        with art.fs.open(art.shards()[unit["shard"]], "rb") as f:
+            table = pa.parquet.read_table(f)
+        out.write(table)
+        return StageStats(rows_in=table.num_rows, rows_out=table.num_rows)
+
+
+def run_flaky(tmp_path, corpus, **flaky):
+    from prefect import flow
+
+    from flows.plan import PlannedStage, plan_pipeline, store_for
+    from flows.stages import run_planned_stage
+
+    register_stage(FlakyStage())
+    cfg = config(tmp_path, corpus)
+    ingest = plan_pipeline(cfg)[0]
+    fcfg = FlakyConfig(marker_dir=str(tmp_path / "calls"), **flaky)
+    fp = FlakyStage().fingerprint(fcfg, [ingest.fingerprint])
+    planned = PlannedStage("flaky_copy", FlakyStage(), fcfg, ["ingest"], fp, store_for(cfg).path("flaky_copy", fp), False)
+
+    @flow
+    def two_stages():
+        from flows.data import run_data_stages
+
+        refs = run_data_stages(cfg)
+        return run_planned_stage(planned, cfg, [refs["ingest"]], refresh=False)
+
+    return two_stages(return_state=True)
+
+
+def calls(tmp_path) -> dict[str, int]:
+    d = tmp_path / "calls"
+    return {n: os.path.getsize(d / n) for n in sorted(os.listdir(d))}
+
+
+def test_task_retries_with_backoff(tmp_path, corpus):
+    state = run_flaky(tmp_path, corpus, retries=2, retry_delay_seconds=0.1, failures=2)
+    assert state.is_completed()
+    assert calls(tmp_path) == {"unit-0": 1, "unit-1": 3, "unit-2": 1}
+    assert state.result()["rows"] == 22
+
+
+def test_failed_stage_rerun_redoes_only_unfinished_units(tmp_path, corpus):
+    state = run_flaky(tmp_path, corpus, retries=0, failures=1)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match="planted failure"):
+        state.result()
+    first = calls(tmp_path)
+    assert first["unit-1"] == 1
+    state = run_flaky(tmp_path, corpus, retries=0, failures=1)
+    assert state.is_completed()
+    second = calls(tmp_path)
+    assert second["unit-1"] == 2  # the failed unit ran again
+    assert all(second[u] == first[u] for u in first if u != "unit-1")  # finished units were not redone
