@@ -141,6 +141,7 @@ def inspect(
     path: str = typer.Argument(..., help="An artifact directory, or a Parquet file / directory."),
     rows: int = typer.Option(5, "--rows", "-n", help="How many rows to show."),
     rejects: bool = typer.Option(False, "--rejects", help="Show rejected rows instead of kept ones."),
+    table: str = typer.Option("data", "--table", help="Which table of the artifact to show rows of."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """A manifest's stage, config, inputs and stats, and the first rows."""
@@ -160,6 +161,9 @@ def inspect(
     console.print(f"[bold]{m['stage']}[/] v{m['stage_version']}  fingerprint [cyan]{m['fingerprint']}[/]  created {m['created_at']}")
     console.print(f"path: {art.path}")
     console.print(f"rows: {m['rows']:,} in {len(m['shards'])} shard(s), {_human(m['bytes'])} (arrow); rejects: {m['rejects_rows']:,}")
+    others = [f"{n} ({t['rows']:,} rows)" for n, t in m.get("tables", {}).items() if n not in ("data", "rejects")]
+    if others:
+        console.print("other tables: " + ", ".join(others))
     for i in m.get("inputs", []):
         console.print(f"input: {i['stage']} {i['fingerprint']}  {i['path']}")
     if m.get("sources"):
@@ -175,7 +179,10 @@ def inspect(
     for k, v in st.get("extra", {}).items():
         stats.add_row(k, str(v))
     console.print(stats)
-    _print_rows(art.head(rows, table="rejects" if rejects else "data"), "rejected rows" if rejects else "first rows")
+    table = "rejects" if rejects else table
+    if table not in art.table_names():
+        _fail(f"{path} has no table {table!r} (tables: {', '.join(art.table_names())})")
+    _print_rows(art.head(rows, table=table), "rejected rows" if table == "rejects" else f"first rows ({table})")
 
 
 def _inspect_parquet(path: str, n: int) -> None:

@@ -21,7 +21,7 @@ from prefect.tasks import exponential_backoff
 from flows.plan import PlannedStage, store_for
 from flows.config import PipelineConfig, StoreConfig
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.stage import get_stage, manifest_header, run_unit
+from tasks.stage import finalizer, get_stage, manifest_header, run_unit
 
 
 def _store(store_cfg: dict[str, Any]) -> ArtifactStore:
@@ -67,6 +67,11 @@ def _stats_table(artifact: Artifact) -> list[dict[str, Any]]:
         {"metric": "wall seconds", "value": artifact.manifest.get("wall_seconds")},
         {"metric": "shards", "value": len(artifact.manifest["shards"])},
     ]
+    rows += [
+        {"metric": f"table {name}: rows", "value": t["rows"]}
+        for name, t in artifact.manifest.get("tables", {}).items()
+        if name not in ("data", "rejects") and t["rows"]
+    ]
     rows += [{"metric": k, "value": v} for k, v in sorted(st.get("extra", {}).items())]
     rows.append({"metric": "path", "value": artifact.path})
     return rows
@@ -92,7 +97,7 @@ def stage_commit(
         inputs = [Artifact.open(p) for p in input_paths]
         header = manifest_header(stage, config, inputs, fp)
         header["wall_seconds"] = round(wall_seconds, 3)
-        artifact = store.staging(stage_name, fp).commit(header, n_units)
+        artifact = store.staging(stage_name, fp).commit(header, n_units, finalizer(stage, config, inputs))
     st = artifact.manifest["stats"]
     create_table_artifact(
         key=f"{stage_name.replace('_', '-')}-stats",

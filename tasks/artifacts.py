@@ -31,6 +31,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 MANIFEST = "_manifest.json"
 UNITS_DIR = "_units"
+SCRATCH_DIR = "_scratch"
+DATA_TABLE = "data"  # stored at the artifact's top level
 REJECTS_DIR = "rejects"
 FINGERPRINT_CHARS = 20
 
@@ -179,11 +181,17 @@ class Artifact:
     def stats(self) -> StageStats:
         return StageStats.from_dict(self.manifest.get("stats", {}))
 
-    def shards(self, table: str = "data") -> list[str]:
-        key = "shards" if table == "data" else f"{table}_shards"
+    def table_names(self) -> list[str]:
+        return sorted(self.manifest.get("tables", {}))
+
+    def table_rows(self, table: str = DATA_TABLE) -> int:
+        return int(self.manifest.get("tables", {}).get(table, {}).get("rows", 0))
+
+    def shards(self, table: str = DATA_TABLE) -> list[str]:
         fs, p = _fs_and_path(self.path)
-        base = p if table == "data" else _join(fs, p, table)
-        return [_join(fs, base, name) for name in self.manifest.get(key, [])]
+        base = p if table == DATA_TABLE else _join(fs, p, table)
+        names = self.manifest.get("tables", {}).get(table, {}).get("shards", [])
+        return [_join(fs, base, name) for name in names]
 
     def iter_batches(
         self, columns: list[str] | None = None, batch_size: int = 8192, table: str = "data"
@@ -200,7 +208,7 @@ class Artifact:
         batches = list(self.iter_batches(columns=columns, table=table))
         if batches:
             return pa.Table.from_batches(batches)
-        schema = self.manifest.get("schema" if table == "data" else f"{table}_schema")
+        schema = self.manifest.get("tables", {}).get(table, {}).get("schema")
         if schema:
             fields = [pa.field(n, pa.string()) for n in schema]
             return pa.Table.from_batches([], schema=pa.schema(fields))
@@ -293,10 +301,13 @@ class ShardWriter:
 
 
 class ArtifactWriter:
-    """What a stage writes one unit of work through: kept rows with `write`, dropped rows with `reject`.
+    """What a stage writes one unit of work through: kept rows with `write`, dropped rows with `reject`,
+    other named tables (e.g. `validation`) with `table(name).write`.
 
     Shards are named after the unit (`part-<unit>-<n>.parquet`), so the finished artifact's layout and
-    row order do not depend on which worker ran which unit, or when.
+    row order do not depend on which worker ran which unit, or when. `scratch` is a directory that
+    survives a killed attempt at the unit (a crawl keeps its frontier there) and is dropped at commit;
+    it is None on stores that are not local.
     """
 
     def __init__(
@@ -307,11 +318,26 @@ class ArtifactWriter:
         shard_rows: int = 100_000,
         shard_bytes: int = 128 << 20,
         on_rows: Any = None,
+        scratch: str | None = None,
     ):
-        prefix = f"part-{unit:05d}"
-        self.data = ShardWriter(fs, directory, prefix, shard_rows, shard_bytes)
-        self.rejects = ShardWriter(fs, _join(fs, directory, REJECTS_DIR), prefix, shard_rows, shard_bytes)
+        self.fs = fs
+        self.directory = directory
+        self.unit = unit
+        self.shard_rows = shard_rows
+        self.shard_bytes = shard_bytes
+        self.scratch = scratch
+        self.tables: dict[str, ShardWriter] = {}
+        self.data = self.table(DATA_TABLE)
+        self.rejects = self.table(REJECTS_DIR)
         self._on_rows = on_rows
+
+    def table(self, name: str) -> ShardWriter:
+        if name not in self.tables:
+            if name != DATA_TABLE and not name.replace("_", "").replace("-", "").isalnum():
+                raise ArtifactError(f"bad table name {name!r}")
+            directory = self.directory if name == DATA_TABLE else _join(self.fs, self.directory, name)
+            self.tables[name] = ShardWriter(self.fs, directory, f"part-{self.unit:05d}", self.shard_rows, self.shard_bytes)
+        return self.tables[name]
 
     def write(self, data: pa.RecordBatch | pa.Table | None) -> None:
         if data is not None:
@@ -328,8 +354,14 @@ class ArtifactWriter:
                 self._on_rows(data.num_rows)
 
     def close(self) -> None:
-        self.data.close()
-        self.rejects.close()
+        for t in self.tables.values():
+            t.close()
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {"shards": t.shards, "rows": t.rows, "bytes": t.bytes, "schema": t.schema.names if t.schema else None}
+            for name, t in self.tables.items()
+        }
 
 
 class Staging:
@@ -354,27 +386,21 @@ class Staging:
             return json.load(f)
 
     def begin_unit(self, unit: int, on_rows: Any = None) -> ArtifactWriter:
-        """Clear whatever a killed attempt at this unit left behind, and return its writer."""
-        for directory in (self.dir, _join(self.fs, self.dir, REJECTS_DIR)):
-            if self.fs.exists(directory):
-                for path in self.fs.glob(_join(self.fs, directory, f"part-{unit:05d}-*.parquet")):
-                    self.fs.rm(path)
+        """Clear the shards a killed attempt at this unit left behind (not its scratch), return its writer."""
+        if self.fs.exists(self.dir):
+            pattern = f"part-{unit:05d}-*.parquet"
+            for path in self.fs.glob(_join(self.fs, self.dir, pattern)) + self.fs.glob(_join(self.fs, self.dir, "*", pattern)):
+                self.fs.rm(path)
         self.fs.makedirs(self.dir, exist_ok=True)
-        return ArtifactWriter(self.fs, self.dir, unit, self.shard_rows, self.shard_bytes, on_rows)
+        scratch = None
+        if isinstance(self.fs, LocalFileSystem):
+            scratch = _join(self.fs, self.dir, SCRATCH_DIR, f"{unit:05d}")
+            os.makedirs(scratch, exist_ok=True)
+        return ArtifactWriter(self.fs, self.dir, unit, self.shard_rows, self.shard_bytes, on_rows, scratch)
 
     def finish_unit(self, unit: int, writer: ArtifactWriter, stats: StageStats) -> dict[str, Any]:
         writer.close()
-        result = {
-            "unit": unit,
-            "stats": stats.to_dict(),
-            "shards": writer.data.shards,
-            "rows": writer.data.rows,
-            "bytes": writer.data.bytes,
-            "schema": writer.data.schema.names if writer.data.schema else None,
-            "rejects_shards": writer.rejects.shards,
-            "rejects_rows": writer.rejects.rows,
-            "rejects_schema": writer.rejects.schema.names if writer.rejects.schema else None,
-        }
+        result = {"unit": unit, "stats": stats.to_dict(), "tables": writer.summary()}
         marker = self._marker(unit)
         self.fs.makedirs(_join(self.fs, self.dir, UNITS_DIR), exist_ok=True)
         tmp = marker + f".tmp-{uuid.uuid4().hex[:8]}"
@@ -383,8 +409,12 @@ class Staging:
         self.fs.mv(tmp, marker)
         return result
 
-    def commit(self, manifest: dict[str, Any], n_units: int) -> Artifact:
-        """Assemble the manifest from the unit markers and move the artifact into place."""
+    def commit(self, manifest: dict[str, Any], n_units: int, finalize: Any = None) -> Artifact:
+        """Assemble the manifest from the unit markers and move the artifact into place.
+
+        `finalize(directory, fs)`, if given, runs on the complete staging directory just before the
+        commit (to add files such as a Hugging Face dataset or a tokenizer) and returns manifest fields.
+        """
         units = []
         for i in range(n_units):
             r = self.unit_result(i)
@@ -394,23 +424,35 @@ class Staging:
         stats = StageStats()
         for r in units:
             stats.merge(StageStats.from_dict(r["stats"]))
+        names = sorted({n for r in units for n in r["tables"]} | {DATA_TABLE, REJECTS_DIR})
+        tables = {}
+        for name in names:
+            parts = [r["tables"][name] for r in units if name in r["tables"]]
+            tables[name] = {
+                "rows": sum(p["rows"] for p in parts),
+                "bytes": sum(p["bytes"] for p in parts),
+                "shards": [s for p in parts for s in p["shards"]],
+                "schema": next((p["schema"] for p in parts if p["schema"]), None),
+            }
         manifest = dict(manifest)
         manifest.update(
-            rows=sum(r["rows"] for r in units),
-            bytes=sum(r["bytes"] for r in units),
-            shards=[s for r in units for s in r["shards"]],
-            schema=next((r["schema"] for r in units if r["schema"]), None),
-            rejects_rows=sum(r["rejects_rows"] for r in units),
-            rejects_shards=[s for r in units for s in r["rejects_shards"]],
-            rejects_schema=next((r["rejects_schema"] for r in units if r["rejects_schema"]), None),
+            rows=tables[DATA_TABLE]["rows"],
+            bytes=tables[DATA_TABLE]["bytes"],
+            shards=tables[DATA_TABLE]["shards"],
+            schema=tables[DATA_TABLE]["schema"],
+            rejects_rows=tables[REJECTS_DIR]["rows"],
+            tables=tables,
             units=n_units,
             stats=stats.to_dict(),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         self.fs.makedirs(self.dir, exist_ok=True)
-        units_dir = _join(self.fs, self.dir, UNITS_DIR)
-        if self.fs.exists(units_dir):
-            self.fs.rm(units_dir, recursive=True)
+        for leftover in (UNITS_DIR, SCRATCH_DIR):
+            path = _join(self.fs, self.dir, leftover)
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        if finalize is not None:
+            manifest.update(finalize(self.dir, self.fs) or {})
         body = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False)
         final_manifest = _join(self.fs, self.final_dir, MANIFEST)
 

@@ -72,6 +72,12 @@ class Stage(ABC):
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: StageConfig, out: ArtifactWriter) -> StageStats:
         """Process one unit, writing kept rows with out.write and dropped rows with out.reject."""
 
+    def finalize(self, inputs: list[Artifact], cfg: StageConfig, directory: str, fs: Any) -> dict[str, Any] | None:
+        """Runs once on the complete staging directory before commit (all units done). Stages whose
+        output is more than row tables -- a Hugging Face dataset, a tokenizer -- write it here and
+        return manifest fields. Default: nothing."""
+        return None
+
     def fingerprint(self, cfg: StageConfig, input_fingerprints: list[str]) -> str:
         return fingerprint(self.name, self.version, cfg.fingerprint_config(), input_fingerprints, self.sources(cfg))
 
@@ -167,7 +173,11 @@ def run_stage(
             progress("unit", 1)
     header = manifest_header(stage, cfg, inputs, fp)
     header["wall_seconds"] = round(time.perf_counter() - t0, 3)
-    return staging.commit(header, len(units))
+    return staging.commit(header, len(units), finalizer(stage, cfg, inputs))
+
+
+def finalizer(stage: Stage, cfg: StageConfig, inputs: list[Artifact]) -> Callable[[str, Any], Any]:
+    return lambda directory, fs: stage.finalize(inputs, cfg, directory, fs)
 
 
 def run_in_store(

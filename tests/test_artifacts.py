@@ -142,3 +142,35 @@ def test_manifest_is_json_not_pickle(tmp_path):
     with open(os.path.join(art.path, MANIFEST)) as f:
         assert json.load(f)["fingerprint"] == "fp"
     assert all(n.endswith((".parquet", ".json")) or n == "rejects" for n in os.listdir(art.path))
+
+
+def test_named_tables_scratch_and_finalize(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"), shard_rows=100)
+    staging = store.staging("demo", "fpt")
+    for u in (0, 1):
+        w = staging.begin_unit(u)
+        assert w.scratch and os.path.isdir(w.scratch)
+        with open(os.path.join(w.scratch, "frontier.json"), "w") as f:
+            f.write("[]")
+        w.write(docs(3, start=u * 3))
+        w.table("validation").write(docs(1, start=100 + u))
+        staging.finish_unit(u, w, StageStats(rows_in=4, rows_out=4))
+    # a restarted unit keeps its scratch but loses its partial shards, in every table
+    w = staging.begin_unit(1)
+    assert os.path.exists(os.path.join(w.scratch, "frontier.json"))
+    assert not os.path.exists(os.path.join(staging.dir, "validation", "part-00001-0000.parquet"))
+    w.write(docs(3, start=3))
+    w.table("validation").write(docs(1, start=101))
+    staging.finish_unit(1, w, StageStats(rows_in=4, rows_out=4))
+
+    def finalize(directory, fs):
+        with open(os.path.join(directory, "extra.txt"), "w") as f:
+            f.write("made at commit")
+        return {"extra_file": "extra.txt"}
+
+    art = staging.commit({"stage": "demo", "fingerprint": "fpt"}, 2, finalize)
+    assert art.table_names() == ["data", "rejects", "validation"]
+    assert art.table_rows("validation") == 2 and art.num_rows == 6
+    assert art.read_table(table="validation").column("id").to_pylist() == ["d100", "d101"]
+    assert art.manifest["extra_file"] == "extra.txt" and os.path.exists(os.path.join(art.path, "extra.txt"))
+    assert not os.path.exists(os.path.join(art.path, "_scratch"))

@@ -151,3 +151,30 @@ def test_demo_config_runs(tmp_path):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rejected by reason" in r.stdout and str(tmp_path / "store" / "ingest") in r.stdout
+
+
+@pytest.mark.slow
+def test_dask_task_runner_gives_the_same_artifact(tmp_path, corpus):
+    """Units spread over a Dask LocalCluster (worker processes) produce the one-process artifact."""
+    from flows.config import load_config
+    from flows.plan import plan_pipeline, store_for
+    from tasks.ingest import IngestStage
+    from tasks.stage import run_in_store
+
+    cfg_path = pipeline_yaml(tmp_path, corpus, extra="  unit_files: 1\n")
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", cfg_path, "--set", "runtime.task_runner=dask",
+         "--set", "runtime.workers=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ingest │ ran" in r.stdout
+    cfg = load_config(cfg_path)
+    planned = plan_pipeline(cfg)[0]
+    dask_art = Artifact.open(planned.path)
+    assert dask_art.manifest["units"] == 3
+    local = run_in_store(IngestStage(), cfg.ingest, [], store_for(cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": str(tmp_path / "local")})})))
+    assert local.fingerprint == dask_art.fingerprint
+    assert local.read_table().equals(dask_art.read_table())
