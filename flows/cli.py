@@ -343,6 +343,33 @@ def stage_cmd(
     )
 
 
+@app.command()
+def serve(
+    file: str = typer.Option(None, "--file", "-f", help="Deployments file (default: deployments/prefect.yaml)."),
+    names: list[str] = typer.Option([], "--name", help="Serve only this deployment (repeatable)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Most flow runs to execute at once."),
+) -> None:
+    """Serve the deployments (schedules, UI-triggered runs) from this process, against a Prefect server."""
+    from flows import serve as serving
+    from flows.embedded import configured_api_url
+
+    if not configured_api_url():
+        _fail(
+            "kiln serve needs a Prefect server to register with. Start one and point Kiln at it:\n"
+            "  PREFECT_SERVER_ANALYTICS_ENABLED=false .venv/bin/prefect server start --host 127.0.0.1 &\n"
+            "  export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    path = file or serving.DEFAULT_FILE
+    try:
+        deployments = serving.build(path, list(names) or None)
+    except ConfigError as e:
+        _fail(str(e))
+    console.print(f"serving {len(deployments)} deployment(s) from {path}: " + ", ".join(d.name for d in deployments))
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments, limit=limit)
+
+
 def main() -> None:
     try:
         app()

@@ -86,18 +86,21 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
         worker.drain_all(timeout=timeout)
 
 
+def configured_api_url() -> str | None:
+    """The Prefect API the user configured (environment or active profile), if any."""
+    return os.environ.get("PREFECT_API_URL") or _profile_api_url()
+
+
 def start_if_needed() -> EmbeddedServer | None:
     """Start the embedded server unless a Prefect API is configured (env or profile) or it is disabled."""
-    if os.environ.get("KILN_EMBEDDED_SERVER", "1") == "0" or os.environ.get("PREFECT_API_URL"):
-        return None
-    if _profile_has_api_url():
+    if os.environ.get("KILN_EMBEDDED_SERVER", "1") == "0" or configured_api_url():
         return None
     server = EmbeddedServer()
     os.environ["PREFECT_API_URL"] = server.url
     return server
 
 
-def _profile_has_api_url() -> bool:
+def _profile_api_url() -> str | None:
     """A PREFECT_API_URL set with `prefect config set` lives in the profiles file, not the environment."""
     import tomllib
 
@@ -107,6 +110,6 @@ def _profile_has_api_url() -> bool:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
-        return False
+        return None
     active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
-    return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+    return data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None

@@ -14,7 +14,13 @@ import hashlib
 from typing import Any
 
 from prefect import task, unmapped
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
@@ -49,7 +55,8 @@ def stage_unit(
         "%s unit %d/%d: %d rows in, %d kept, %d rejected %s",
         stage_name, index + 1, n_units, s["rows_in"], s["rows_out"], s["rows_rejected"], s["rejected"] or "",
     )
-    return {"unit": index, "rows": result["rows"], "rejects_rows": result["rejects_rows"]}
+    tables = result["tables"]
+    return {"unit": index, "rows": tables["data"]["rows"], "rejects_rows": tables["rejects"]["rows"]}
 
 
 def _stats_table(artifact: Artifact) -> list[dict[str, Any]]:
@@ -105,7 +112,59 @@ def stage_commit(
         description=f"**{stage_name}** `{fp}`: {st['rows_in']} rows in, {st['rows_out']} kept, "
         f"{st['rows_rejected']} rejected",
     )
+    create_markdown_artifact(
+        key=f"{stage_name.replace('_', '-')}-report",
+        markdown=_report_markdown(artifact),
+        description=f"{stage_name}: stats, rejects by reason, samples of kept and dropped rows",
+    )
     return artifact.ref()
+
+
+def _cell(value: Any, width: int = 160) -> str:
+    text = "" if value is None else str(value)
+    text = " ".join(text.split())
+    text = text[:width] + ("…" if len(text) > width else "")
+    return text.replace("|", "\\|")
+
+
+def _report_markdown(artifact: Artifact, samples: int = 3) -> str:
+    m = artifact.manifest
+    st = m["stats"]
+    lines = [
+        f"# {m['stage']} `{m['fingerprint']}`",
+        "",
+        f"`{artifact.path}`",
+        "",
+        f"**{st['rows_in']:,}** rows in, **{st['rows_out']:,}** kept, **{st['rows_rejected']:,}** rejected, "
+        f"{m.get('wall_seconds', st['seconds'])} s.",
+        "",
+    ]
+    if st["rejected"]:
+        lines += ["| rejected because | rows |", "|---|---:|"]
+        lines += [f"| {reason} | {n:,} |" for reason, n in st["rejected"].items()]
+        lines.append("")
+    for table, title in (("data", "Kept (first rows)"), ("rejects", "Dropped (first rows)")):
+        rows = artifact.head(samples, table=table) if artifact.table_rows(table) else []
+        if not rows:
+            continue
+        cols = [c for c in ("id", "reason", "detail", "source", "url", "text") if c in rows[0]] or list(rows[0])[:4]
+        lines += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _follow(stage_name: str, futures: Any, n_units: int) -> None:
+    """A progress artifact that fills as units finish (the UI shows it on the flow run)."""
+    if n_units < 2:
+        return
+    progress_id = create_progress_artifact(
+        progress=0.0, key=f"{stage_name.replace('_', '-')}-progress", description=f"{stage_name}: units finished"
+    )
+    done = 0
+    for _ in as_completed(futures):
+        done += 1
+        update_progress_artifact(progress_id, progress=100.0 * done / n_units)
 
 
 def run_planned_stage(
@@ -133,6 +192,7 @@ def run_planned_stage(
             store_cfg=unmapped(store_cfg), fp=unmapped(p.fingerprint),
             index=list(range(n_units)), unit=units, n_units=unmapped(n_units),
         )
+        _follow(p.name, futures, n_units)
         futures.result()  # raises the first failed unit's error
     ref = stage_commit.with_options(refresh_cache=refresh or not committed, **retry)(
         stage_name=p.name, cfg=cfg, input_paths=input_paths, store_cfg=store_cfg, fp=p.fingerprint,

@@ -47,3 +47,100 @@ def corpus(tmp_path):
         raw_lines=[b'{"text": "caf\xe9"}', b"{oops", b"[1, 2]"],
     )
     return d
+
+
+# --------------------------------------------------------------------------------------------------
+# A real Prefect server for the end-to-end tests
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RealServer:
+    def __init__(self, url: str, env: dict[str, str], home: str):
+        self.url = url  # http://127.0.0.1:PORT
+        self.api = f"{url}/api"
+        self.env = env  # environment for subprocesses that talk to this server
+        self.home = home
+
+    def get(self, path: str, **kw):
+        import httpx
+
+        return httpx.get(f"{self.api}{path}", timeout=30, **kw)
+
+    def post(self, path: str, json=None):
+        import httpx
+
+        return httpx.post(f"{self.api}{path}", json=json or {}, timeout=30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc=None, log=None) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) before {url} answered; log: {log}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{url} did not answer within {timeout} s; log: {log}")
+
+
+def _stop(proc) -> None:
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME and a free port, stopped by PID."""
+    import subprocess
+    import sys
+
+    home = str(tmp_path_factory.mktemp("prefect-server-home"))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        PREFECT_HOME=home,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+        PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
+    )
+    log = os.path.join(home, "server.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
+        client_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+                      "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        yield RealServer(f"http://127.0.0.1:{port}", client_env, home)
+    finally:
+        _stop(proc)

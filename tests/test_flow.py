@@ -75,6 +75,12 @@ def test_stats_table_artifact_is_published(tmp_path, corpus):
     table = arts[0].data if isinstance(arts[0].data, list) else __import__("json").loads(arts[0].data)
     metrics = {row["metric"]: row["value"] for row in table}
     assert metrics["rows in"] == 28 and metrics["rejected: invalid_json"] == 1
+    with get_client(sync_client=True) as client:
+        reports = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-report"])))
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-progress"])))
+    md = reports[0].data
+    assert reports[0].type == "markdown" and "| invalid_json | 1 |" in md and "## Dropped (first rows)" in md
+    assert progress and progress[0].type == "progress" and float(progress[0].data) == 100.0
 
 
 class FlakyConfig(StageConfig):

@@ -1,0 +1,236 @@
+"""Bytes of a fetched page -> text, title and links.
+
+Shared by the web crawl and WARC ingest, and run in worker processes (extraction is CPU-bound and
+would otherwise stall the crawl's event loop), so everything here is a plain function of plain
+arguments returning plain dicts.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from typing import Any
+
+from tasks.crawl.urls import NON_LINK_SCHEMES, normalize_url, scheme_of
+
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([a-zA-Z0-9_:.-]+)""", re.I)
+_XML_DECL = re.compile(r"^\s*<\?xml[^>]*\?>")
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_SPACES = re.compile(r"\s+")
+
+
+def parse_content_type(header: str | None) -> tuple[str, str | None]:
+    """('text/html', 'iso-8859-1') from 'text/html; charset="ISO-8859-1"'."""
+    if not header:
+        return "", None
+    media, _, params = header.partition(";")
+    charset = None
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            charset = value.strip().strip("\"'").lower() or None
+    return media.strip().lower(), charset
+
+
+def _known_codec(name: str | None) -> str | None:
+    if not name:
+        return None
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return None
+
+
+def detect_encoding(body: bytes, header_charset: str | None, html: bool) -> str:
+    """Byte-order mark, then the HTTP header, then <meta charset>, then strict UTF-8, then detection."""
+    for bom, name in _BOMS:
+        if body.startswith(bom):
+            return name
+    declared = _known_codec(header_charset)
+    if declared is None and html:
+        m = _META_CHARSET.search(body[:4096])
+        declared = _known_codec(m.group(1).decode("ascii", "ignore")) if m else None
+    if declared:
+        # A page declared ASCII / Latin-1 is in practice cp1252 (the WHATWG rule browsers follow).
+        return "cp1252" if declared in ("ascii", "latin-1", "iso8859-1") else declared
+    try:
+        body.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(body[:65536]).best()
+    return _known_codec(best.encoding) if best is not None and _known_codec(best.encoding) else "cp1252"
+
+
+def decode(body: bytes, encoding: str) -> str:
+    text = body.decode(encoding, errors="replace")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _clean_title(title: str | None) -> str | None:
+    if not title:
+        return None
+    title = _SPACES.sub(" ", title).strip()
+    return title or None
+
+
+def analyse_page(
+    body: bytes,
+    url: str,
+    media_type: str,
+    header_charset: str | None = None,
+    follow_links: bool = True,
+    respect_nofollow: bool = True,
+    sort_query: bool = False,
+    fallback: bool = False,
+) -> dict[str, Any]:
+    """Decode and extract one page. Never raises on bad input: a failure is an `error` field."""
+    html = media_type in HTML_TYPES
+    result: dict[str, Any] = {"text": "", "title": None, "links": [], "encoding": None,
+                              "noindex": False, "nofollow": False, "error": None}
+    try:
+        encoding = detect_encoding(body, header_charset, html)
+        result["encoding"] = encoding
+        text = decode(body, encoding)
+        if not html:
+            result["text"] = text.strip()
+            return result
+        _analyse_html(text, url, result, follow_links, respect_nofollow, sort_query, fallback)
+    except Exception as e:  # lxml and trafilatura raise a variety of errors on hostile markup
+        result["error"] = f"{type(e).__name__}: {e}"[:500]
+    return result
+
+
+def _analyse_html(
+    text: str, url: str, result: dict[str, Any], follow_links: bool, respect_nofollow: bool, sort_query: bool,
+    fallback: bool,
+) -> None:
+    import lxml.html
+    import trafilatura
+    from lxml.etree import ParserError
+
+    text = _XML_DECL.sub("", text, count=1)  # lxml refuses str input that declares an encoding
+    if not text.strip():
+        return
+    try:
+        tree = lxml.html.document_fromstring(text)
+    except ParserError:  # "Document is empty": comments or whitespace only
+        return
+    result["title"] = _clean_title(tree.findtext(".//title"))
+    for meta in tree.iter("meta"):
+        if (meta.get("name") or "").strip().lower() == "robots":
+            directives = {d.strip() for d in (meta.get("content") or "").lower().split(",")}
+            result["noindex"] |= bool(directives & {"noindex", "none"})
+            result["nofollow"] |= bool(directives & {"nofollow", "none"})
+    if follow_links and not (respect_nofollow and result["nofollow"]):
+        base = url
+        base_el = tree.find(".//base[@href]")
+        if base_el is not None:
+            base = normalize_url(base_el.get("href"), base=url) or url
+        links: dict[str, None] = {}
+        for el in tree.iter("a", "area"):
+            href = el.get("href")
+            if not href or href.startswith("#"):
+                continue
+            if respect_nofollow and "nofollow" in (el.get("rel") or "").lower().split():
+                continue
+            if scheme_of(href.strip()) in NON_LINK_SCHEMES:
+                continue
+            link = normalize_url(href, base=base, sort_query=sort_query)
+            if link and scheme_of(link) not in NON_LINK_SCHEMES:
+                links[link] = None
+        result["links"] = list(links)
+    if not result["title"]:
+        result["title"] = _clean_title(tree.findtext(".//h1"))
+    # trafilatura prunes the tree it is given; links and title were read above, before that.
+    extracted = trafilatura.extract(
+        tree, url=url, fast=not fallback, include_comments=False, include_tables=True, deduplicate=False,
+    )
+    result["text"] = (extracted or "").strip()
+
+
+def _analyse_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return analyse_page(**kwargs)
+
+
+class Extractor:
+    """Runs `analyse_page` in worker processes, or in a thread when workers == 0.
+
+    Workers come from a forkserver, not a fork of this process: the stage may run inside Prefect,
+    whose threads could hold locks at fork time. A worker that dies (a parser crash on hostile
+    markup) breaks the pool; it is rebuilt and the page tried once more.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = None
+        self._thread_pool = None
+
+    def _executor(self):
+        import concurrent.futures
+        import multiprocessing
+
+        if self.workers == 0:
+            if self._thread_pool is None:
+                self._thread_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kiln-extract")
+            return self._thread_pool
+        if self._pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["tasks.crawl.extract", "lxml.html", "trafilatura"])
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
+        return self._pool
+
+    def _reset(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def analyse(self, **kwargs: Any) -> dict[str, Any]:
+        import asyncio
+        from concurrent.futures.process import BrokenProcessPool
+
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            try:
+                return await loop.run_in_executor(self._executor(), _analyse_kwargs, kwargs)
+            except BrokenProcessPool as e:
+                self._reset()
+                if attempt:
+                    return {"text": "", "title": None, "links": [], "encoding": None, "noindex": False,
+                            "nofollow": False, "error": f"extraction worker died: {e}"}
+        raise AssertionError("unreachable")
+
+    def map(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Results in the order of `calls` (WARC records keep their file order)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return list(self._executor().map(_analyse_kwargs, calls, chunksize=max(1, len(calls) // (4 * max(self.workers, 1)))))
+        except BrokenProcessPool:
+            self._reset()
+            results = []
+            for call in calls:  # one at a time, so one poisonous page fails alone
+                try:
+                    results.append(self._executor().submit(_analyse_kwargs, call).result())
+                except BrokenProcessPool as e:
+                    self._reset()
+                    results.append({"text": "", "title": None, "links": [], "encoding": None, "noindex": False,
+                                    "nofollow": False, "error": f"extraction worker died: {e}"})
+            return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._thread_pool is not None:
+            self._thread_pool.shutdown(wait=True)
+            self._thread_pool = None
+
+    def __enter__(self) -> Extractor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

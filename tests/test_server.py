@@ -1,0 +1,196 @@
+"""Operating Kiln on a real Prefect server: deployments served with `kiln serve`, schedules, runs triggered
+with parameters, bad parameters refused, artifacts through the API, the UI, and `prefect deploy` of
+deployments/prefect.yaml with a process worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, _stop, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def small_config(root, corpus) -> dict:
+    return {"name": "served", "store": {"root": str(root)}, "ingest": {"paths": [str(corpus)]}}
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, tmp_path_factory):
+    """`kiln serve` of a deployments file (same format as deployments/prefect.yaml) against the server."""
+    tmp = tmp_path_factory.mktemp("served")
+    corpus = tmp / "corpus"
+    write_jsonl(corpus / "docs.jsonl", [{"id": f"s{i}", "text": f"served document {i}"} for i in range(12)],
+                raw_lines=[b"{broken"])
+    spec = {
+        "deployments": [
+            {"name": "every-20s", "entrypoint": "flows/pipeline.py:pipeline",
+             "parameters": {"config": small_config(tmp / "sched-store", corpus)},
+             "schedules": [{"interval": 20}]},
+            {"name": "manual", "entrypoint": "flows/pipeline.py:pipeline",
+             "parameters": {"config": small_config(tmp / "manual-store", corpus)}},
+            {"name": "data", "entrypoint": "flows/data.py:data_flow",
+             "parameters": {"config": small_config(tmp / "data-store", corpus)}},
+        ]
+    }
+    path = tmp / "deployments.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--file", str(path)], cwd=REPO,
+                            env=prefect_server.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            names = {d["name"] for d in prefect_server.post("/deployments/filter").json()}
+            if {"every-20s", "manual", "data"} <= names:
+                break
+            assert proc.poll() is None, (tmp / "serve.log").read_text()
+            time.sleep(0.5)
+        else:
+            raise AssertionError("deployments were not registered: " + (tmp / "serve.log").read_text())
+        yield {"tmp": tmp, "corpus": corpus, "log": tmp / "serve.log"}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def deployment(server, name: str) -> dict:
+    for d in server.post("/deployments/filter").json():
+        if d["name"] == name:
+            return d
+    raise KeyError(name)
+
+
+def wait_run(server, run_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = server.get(f"/flow_runs/{run_id}").json()
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} did not finish: {run['state_type']}")
+
+
+def task_states(server, run_id: str) -> dict[str, str]:
+    runs = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    return {r["name"]: r["state"]["name"] for r in runs}
+
+
+def test_deployment_parameters_schema_is_the_pipeline_config(prefect_server, served):
+    d = deployment(prefect_server, "manual")
+    schema = d["parameter_openapi_schema"]
+    assert "config" in schema["properties"] and "config" in schema.get("required", [])
+    defs = schema.get("definitions") or schema.get("$defs")
+    assert defs["PipelineConfig"]["additionalProperties"] is False
+    assert defs["IngestConfig"]["properties"]["paths"]["description"]
+
+
+def test_scheduled_deployment_gets_runs(prefect_server, served):
+    d = deployment(prefect_server, "every-20s")
+    assert d["schedules"] and d["schedules"][0]["schedule"]["interval"] == 20
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        runs = prefect_server.post("/flow_runs/filter", {"deployments": {"id": {"any_": [d["id"]]}}}).json()
+        if any(r["state_type"] == "COMPLETED" for r in runs):
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"no scheduled run completed: {[r['state_type'] for r in runs]}")
+    assert os.path.isdir(served["tmp"] / "sched-store" / "ingest")
+
+
+def test_trigger_with_parameters_runs_the_pipeline(prefect_server, served, tmp_path):
+    d = deployment(prefect_server, "manual")
+    cfg = small_config(tmp_path / "triggered-store", served["corpus"])
+    r = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": cfg}})
+    assert r.status_code == 201, r.text
+    run = wait_run(prefect_server, r.json()["id"])
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert task_states(prefect_server, run["id"])["ingest"] == "Completed"
+    arts = [n for n in os.listdir(tmp_path / "triggered-store" / "ingest") if not n.startswith(".")]
+    assert len(arts) == 1
+    manifest = json.loads((tmp_path / "triggered-store" / "ingest" / arts[0] / "_manifest.json").read_text())
+    assert manifest["stats"]["rows_out"] == 12 and manifest["stats"]["rejected"] == {"invalid_json": 1}
+
+    # the same parameters again: the stage comes back Cached
+    r = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": cfg}})
+    run = wait_run(prefect_server, r.json()["id"])
+    assert task_states(prefect_server, run["id"]) == {"ingest": "Cached"}
+
+    # the data-flow deployment runs too
+    d = deployment(prefect_server, "data")
+    r = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {})
+    assert wait_run(prefect_server, r.json()["id"])["state_type"] == "COMPLETED"
+
+
+def test_bad_parameter_refused_naming_the_field(prefect_server, served):
+    d = deployment(prefect_server, "manual")
+    bad = small_config("/tmp/x", served["corpus"])
+    bad["ingest"]["txt_field"] = "body"
+    r = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": bad}})
+    assert r.status_code == 409 and "txt_field" in r.text
+    bad = small_config("/tmp/x", served["corpus"])
+    bad["store"]["shard_rows"] = "many"
+    r = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": bad}})
+    assert r.status_code == 409 and "shard_rows" in r.text
+
+
+def test_artifacts_readable_through_the_api(prefect_server, served):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        arts = prefect_server.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["ingest-stats", "ingest-report"]}}}).json()
+        if {a["type"] for a in arts} >= {"table", "markdown"}:
+            break
+        time.sleep(1)
+    table = next(a for a in arts if a["type"] == "table")
+    rows = table["data"] if isinstance(table["data"], list) else json.loads(table["data"])
+    assert {"metric": "rows in", "value": 13} in rows
+    report = next(a for a in arts if a["type"] == "markdown")
+    assert "| invalid_json | 1 |" in report["data"]
+
+
+def test_ui_is_served(prefect_server):
+    import httpx
+
+    r = httpx.get(prefect_server.url + "/", timeout=30, follow_redirects=True)
+    assert r.status_code == 200 and "<html" in r.text.lower() and "prefect" in r.text.lower()
+
+
+def test_kiln_serve_refuses_without_a_server(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "needs a Prefect server" in r.stderr
+
+
+def test_prefect_deploy_of_the_shipped_file_and_a_worker_run(prefect_server, tmp_path, corpus):
+    """The documented work-pool path: create the pool, `prefect deploy --all`, run with a process worker."""
+    env = prefect_server.env
+    prefect = [sys.executable, "-m", "prefect"]
+    r = subprocess.run(prefect + ["work-pool", "create", "kiln-local", "--type", "process", "--overwrite"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(prefect + ["deploy", "--all", "--no-prompt", "--prefect-file", "deployments/prefect.yaml"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = deployment(prefect_server, "pipeline")
+    assert d["work_pool_name"] == "kiln-local"
+    assert d["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert d["parameters"]["config"]["ingest"]["paths"] == ["examples/data"]
+    refresh = deployment(prefect_server, "data-refresh")
+    assert refresh["schedules"][0]["active"] is False
+
+    cfg = small_config(tmp_path / "worker-store", corpus)
+    run = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": cfg}}).json()
+    worker = subprocess.run(prefect + ["worker", "start", "--pool", "kiln-local", "--run-once"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    run = wait_run(prefect_server, run["id"], timeout=120)
+    assert run["state_type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
+    assert os.path.isdir(tmp_path / "worker-store" / "ingest")
