@@ -33,12 +33,17 @@ class RuntimeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task_runner: Literal["threads", "dask"] = Field(
-        "threads", description="'threads': in-process thread pool (the default). 'dask': a Dask cluster."
+    task_runner: Literal["threads", "dask", "ray"] = Field(
+        "threads",
+        description="'threads': in-process thread pool (the default). 'dask': a Dask cluster (prefect-dask). "
+        "'ray': a Ray cluster (pip install 'kiln[ray]').",
     )
-    workers: int = Field(2, ge=1, le=1024, description="Threads, or Dask workers for a local cluster.")
+    workers: int = Field(2, ge=1, le=1024, description="Threads, or worker processes / CPUs of a local cluster.")
     dask_address: str | None = Field(
         None, description="Scheduler address of an existing Dask cluster (tcp://host:8786); none starts a local one."
+    )
+    ray_address: str | None = Field(
+        None, description="Address of an existing Ray cluster (ray://host:10001 or auto); none starts a local one."
     )
 
 

@@ -23,6 +23,14 @@ def task_runner(runtime: RuntimeConfig):
             cluster_kwargs={"n_workers": runtime.workers, "threads_per_worker": 1, "processes": True,
                             "host": "127.0.0.1", "dashboard_address": None}
         )
+    if runtime.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as e:
+            raise RuntimeError("runtime.task_runner: ray needs prefect-ray: pip install 'kiln[ray]'") from e
+        if runtime.ray_address:
+            return RayTaskRunner(address=runtime.ray_address)
+        return RayTaskRunner(init_kwargs={"num_cpus": runtime.workers, "include_dashboard": False})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=runtime.workers)

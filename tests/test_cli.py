@@ -154,8 +154,9 @@ def test_demo_config_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_dask_task_runner_gives_the_same_artifact(tmp_path, corpus):
-    """Units spread over a Dask LocalCluster (worker processes) produce the one-process artifact."""
+@pytest.mark.parametrize("runner", ["dask", "ray"])
+def test_cluster_task_runners_give_the_same_artifact(tmp_path, corpus, runner):
+    """Units spread over a local Dask or Ray cluster (worker processes) produce the one-process artifact."""
     from flows.config import load_config
     from flows.plan import plan_pipeline, store_for
     from tasks.ingest import IngestStage
@@ -165,7 +166,7 @@ def test_dask_task_runner_gives_the_same_artifact(tmp_path, corpus):
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
     r = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", cfg_path, "--set", "runtime.task_runner=dask",
+        [sys.executable, "-m", "flows.cli", "run", cfg_path, "--set", f"runtime.task_runner={runner}",
          "--set", "runtime.workers=2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -1,0 +1,385 @@
+"""The tokenize stage: documents -> token ids, one unit per documents shard.
+
+Inputs: [documents] with `tokenizer: DIR` in the config, or [documents, tokenizer artifact]. Text is
+tokenized in batches straight from the Parquet record batches with the Rust tokenizer's batch call
+(which spreads a batch over all cores), EOS appended to every document and BOS optionally prepended.
+Instruction data (`format: sft`) is rendered with the tokenizer's chat template or the Alpaca prompt,
+and its prompt tokens are masked out of `labels` (-100).
+
+Output rows: id, input_ids (list<int32>), n_tokens, and labels for instruction data. Documents that
+give nothing to train on are rejected with a reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from tasks.artifacts import Artifact, ArtifactWriter, StageStats
+from tasks.documents import MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, DocumentBatcher
+from tasks.stage import Stage, StageConfig, StageInputError
+from tasks.tokenize.hf import load_tokenizer, local_directory, tokenizer_identity, tokenizer_info
+from tasks.tokenize.sft import SftRecordError, normalize_sft_record, render_alpaca, render_chat_template
+
+IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and Hugging Face models) skip
+
+TOKENS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+    ]
+)
+SFT_TOKENS_SCHEMA = TOKENS_SCHEMA.append(pa.field("labels", pa.list_(pa.int32()), nullable=False))
+
+
+class TokenizeConfig(StageConfig):
+    """How documents become token ids."""
+
+    execution_fields = StageConfig.execution_fields | {"batch_rows"}
+
+    tokenizer: str | None = Field(
+        None,
+        description="A local tokenizer directory (save_pretrained layout), used when no tokenizer artifact is "
+        "given as the second input. Its files' content is part of the fingerprint.",
+    )
+    format: Literal["text", "sft"] = Field(
+        "text",
+        description="'text': the documents' text (pretraining). 'sft': instruction examples from the documents' "
+        "meta (written by the sft_ingest stage, or Alpaca / chat fields kept in meta by ingest).",
+    )
+    add_bos: bool = Field(False, description="Prepend the tokenizer's BOS token to every document.")
+    add_eos: bool = Field(True, description="Append the tokenizer's EOS token to every document.")
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto",
+        description="sft only: 'chat' the tokenizer's chat template, 'alpaca' the Alpaca prompt, "
+        "'auto' the chat template when the tokenizer has one.",
+    )
+    split_special_tokens: bool = Field(
+        True,
+        description="text only: a special token written in a document (say '<|eos|>' in a page about "
+        "tokenizers) is tokenized as plain text, so no document can forge a boundary.",
+    )
+    batch_rows: int = Field(1024, ge=1, description="Documents per tokenizer batch call.")
+
+
+# --------------------------------------------------------------------------------------------------
+# the tokenizer a unit uses
+
+
+def tokenizer_directory(inputs: list[Artifact], cfg: TokenizeConfig) -> tuple[str, str]:
+    """(local directory, config field to name in errors) of the tokenizer to use."""
+    if len(inputs) > 2:
+        raise StageInputError("inputs", f"expected [documents] or [documents, tokenizer], got {len(inputs)} inputs")
+    if len(inputs) == 2:
+        if cfg.tokenizer is not None:
+            raise StageInputError(
+                "tokenizer", "a tokenizer artifact is an input already; set `tokenizer` only without one"
+            )
+        art = inputs[1]
+        if art.stage != "tokenizer" and "tokenizer" not in art.manifest:
+            raise StageInputError("inputs[1]", f"{art.path} is a {art.stage!r} artifact, not a tokenizer")
+        return local_directory(art.path), "inputs[1]"
+    if cfg.tokenizer is None:
+        raise StageInputError(
+            "tokenizer", "no tokenizer: give a tokenizer artifact as the second input, or a directory in `tokenizer`"
+        )
+    return cfg.tokenizer, "tokenizer"
+
+
+_BACKENDS: dict[tuple[int, bool], Any] = {}
+_BACKENDS_LOCK = threading.Lock()
+
+
+def _backend(tok: Any, split_special_tokens: bool) -> Any:
+    """The Rust tokenizer, copied when special tokens must read as text: the setting lives on the object,
+    and the loaded tokenizer is shared by every unit in the process."""
+    if not split_special_tokens:
+        return tok.backend_tokenizer
+    from tokenizers import Tokenizer
+
+    key = (id(tok), split_special_tokens)
+    with _BACKENDS_LOCK:
+        if key not in _BACKENDS:
+            copy = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+            copy.encode_special_tokens = True
+            _BACKENDS[key] = copy
+        return _BACKENDS[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# assembling token rows
+
+
+def _with_specials(flat: np.ndarray, lengths: np.ndarray, bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Insert BOS / EOS around every document of a flat token array without a Python loop per token."""
+    extra = (bos is not None) + (eos is not None)
+    out_lengths = lengths + extra
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(out_lengths, out=offsets[1:])
+    out = np.empty(int(offsets[-1]), dtype=np.int32)
+    content = np.ones(len(out), dtype=bool)
+    if bos is not None:
+        out[offsets[:-1]] = bos
+        content[offsets[:-1]] = False
+    if eos is not None:
+        out[offsets[1:] - 1] = eos
+        content[offsets[1:] - 1] = False
+    out[content] = flat
+    return out, offsets
+
+
+def _list_array(flat: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32()))
+
+
+class _Rejects:
+    def __init__(self, out: ArtifactWriter, stats: StageStats):
+        self.out = out
+        self.stats = stats
+        self.batcher = DocumentBatcher(REJECT_SCHEMA, 1024)
+
+    def add(self, reason: str, detail: str, doc_id: Any, text: Any = None, **fields: Any) -> None:
+        self.stats.reject(reason)
+        if isinstance(text, str) and len(text) > MAX_REJECT_TEXT_CHARS:
+            detail = f"{detail} (text truncated from {len(text)} chars)"
+            text = text[:MAX_REJECT_TEXT_CHARS]
+        self.out.reject(self.batcher.add(id=doc_id, text=text, reason=reason, detail=detail, **fields))
+
+    def flush(self) -> None:
+        self.out.reject(self.batcher.flush())
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+class TokenizeStage(Stage):
+    name = "tokenize"
+    version = 1
+    Config = TokenizeConfig
+    output_schema = TOKENS_SCHEMA
+
+    def sources(self, cfg: TokenizeConfig) -> Any:
+        # A tokenizer artifact input is fingerprinted as an input; a directory by its files' content.
+        return {"tokenizer": tokenizer_identity(cfg.tokenizer, "tokenizer")} if cfg.tokenizer is not None else None
+
+    def plan(self, inputs: list[Artifact], cfg: TokenizeConfig) -> list[dict[str, Any]]:
+        if not inputs:
+            raise StageInputError("inputs", "tokenize needs a documents artifact as its first input")
+        docs = inputs[0]
+        needed = {"id", "meta"} if cfg.format == "sft" else {"id", "text"}
+        schema = set(docs.manifest.get("schema") or [])
+        if docs.num_rows and not needed <= schema:
+            raise StageInputError(
+                "inputs[0]", f"{docs.stage} artifact {docs.path} lacks column(s) {sorted(needed - schema)}"
+            )
+        path, field = tokenizer_directory(inputs, cfg)
+        tok = load_tokenizer(path, field)
+        self._check_tokenizer(tok, cfg)
+        return [{"shard": i} for i in range(len(docs.shards()))]
+
+    @staticmethod
+    def _check_tokenizer(tok: Any, cfg: TokenizeConfig) -> None:
+        if cfg.add_eos and tok.eos_token_id is None:
+            raise StageInputError("add_eos", "the tokenizer has no EOS token; set add_eos: false or use another tokenizer")
+        if cfg.add_bos and tok.bos_token_id is None:
+            raise StageInputError("add_bos", "the tokenizer has no BOS token")
+        if cfg.format == "sft":
+            if cfg.template == "chat" and not getattr(tok, "chat_template", None):
+                raise StageInputError("template", "the tokenizer has no chat template (set one on the tokenizer stage)")
+            if _uses_alpaca(tok, cfg) and tok.eos_token is None:
+                raise StageInputError("template", "the Alpaca format ends replies with EOS, and the tokenizer has none")
+
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TokenizeConfig, out: ArtifactWriter) -> StageStats:
+        path, field = tokenizer_directory(inputs, cfg)
+        tok = load_tokenizer(path, field)
+        self._check_tokenizer(tok, cfg)
+        docs = inputs[0]
+        stats = StageStats()
+        rejects = _Rejects(out, stats)
+        shard = docs.shards()[unit["shard"]]
+        columns = ["id", "meta"] if cfg.format == "sft" else ["id", "text", "source"]
+        with docs.fs.open(shard, "rb") as f:
+            stats.bytes_in += docs.fs.size(shard)
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows, columns=columns):
+                if cfg.format == "sft":
+                    rows = self._sft_batch(batch, tok, cfg, rejects, stats)
+                else:
+                    rows = self._text_batch(batch, tok, cfg, rejects, stats)
+                out.write(rows)
+        rejects.flush()
+        return stats
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _text_batch(
+        self, batch: pa.RecordBatch, tok: Any, cfg: TokenizeConfig, rejects: _Rejects, stats: StageStats
+    ) -> pa.RecordBatch | None:
+        ids = batch.column("id").to_pylist()
+        texts = batch.column("text").to_pylist()
+        sources = batch.column("source").to_pylist()
+        stats.rows_in += len(ids)
+        keep_ids, keep_texts = [], []
+        for doc_id, text, source in zip(ids, texts, sources):
+            if doc_id is None:
+                rejects.add("missing_id", "document has no id", None, text, source=source)
+            elif not isinstance(text, str):
+                rejects.add("missing_text", "document has no text", doc_id, None, source=source)
+            elif not text.strip():
+                rejects.add("empty_text", "text is empty or whitespace", doc_id, text, source=source)
+            else:
+                keep_ids.append(doc_id)
+                keep_texts.append(text)
+        if not keep_texts:
+            return None
+        encodings = _backend(tok, cfg.split_special_tokens).encode_batch_fast(keep_texts, add_special_tokens=False)
+        token_lists = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+        if not lengths.all():  # text that the tokenizer's normalizer erases entirely
+            for i in np.flatnonzero(lengths == 0):
+                rejects.add("no_tokens", "the tokenizer produced no tokens", keep_ids[i], keep_texts[i])
+            nonzero = np.flatnonzero(lengths)
+            keep_ids = [keep_ids[i] for i in nonzero]
+            token_lists = [token_lists[i] for i in nonzero]
+            keep_texts = [keep_texts[i] for i in nonzero]
+            lengths = lengths[nonzero]
+            if not len(lengths):
+                return None
+        flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(lengths.sum()))
+        tokens, offsets = _with_specials(
+            flat, lengths, tok.bos_token_id if cfg.add_bos else None, tok.eos_token_id if cfg.add_eos else None
+        )
+        n_tokens = np.diff(offsets).astype(np.int32)
+        stats.rows_out += len(keep_ids)
+        stats.extra["tokens"] = stats.extra.get("tokens", 0) + int(len(tokens))
+        stats.extra["chars"] = stats.extra.get("chars", 0) + sum(map(len, keep_texts))
+        return pa.RecordBatch.from_arrays(
+            [pa.array(keep_ids, pa.string()), _list_array(tokens, offsets), pa.array(n_tokens)], schema=TOKENS_SCHEMA
+        )
+
+    def _sft_batch(
+        self, batch: pa.RecordBatch, tok: Any, cfg: TokenizeConfig, rejects: _Rejects, stats: StageStats
+    ) -> pa.RecordBatch | None:
+        ids = batch.column("id").to_pylist()
+        metas = batch.column("meta").to_pylist()
+        stats.rows_in += len(ids)
+        alpaca = _uses_alpaca(tok, cfg)
+        keep_ids, texts, spans = [], [], []
+        for doc_id, meta in zip(ids, metas):
+            if doc_id is None:
+                rejects.add("missing_id", "document has no id", None, meta=meta)
+                continue
+            try:
+                record = json.loads(meta) if isinstance(meta, str) else None
+                if not isinstance(record, dict):
+                    raise SftRecordError("missing_sft_fields", "meta is not a JSON object")
+                example = normalize_sft_record(record.get("sft", record))
+                text, turn_spans = render_alpaca(example, tok.eos_token) if alpaca else render_chat_template(example, tok)
+            except json.JSONDecodeError as e:
+                rejects.add("invalid_meta", f"meta is not JSON: {e}", doc_id, meta=meta)
+                continue
+            except SftRecordError as e:
+                rejects.add(e.reason, e.detail, doc_id, meta=meta)
+                continue
+            keep_ids.append(doc_id)
+            texts.append(text)
+            spans.append(turn_spans)
+        if not texts:
+            return None
+        # Offsets (character spans of every token) are what tell prompt tokens from reply tokens.
+        encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        bos = tok.bos_token_id if cfg.add_bos else None
+        eos = tok.eos_token_id if cfg.add_eos else None
+        out_ids, out_tokens, out_labels = [], [], []
+        for doc_id, text, turn_spans, enc in zip(keep_ids, texts, spans, encodings):
+            tokens = np.asarray(enc.ids, dtype=np.int32)
+            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            trained = np.zeros(len(tokens), dtype=bool)
+            for start, end in turn_spans:
+                trained |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+            if bos is not None and (not len(tokens) or tokens[0] != bos):
+                tokens = np.concatenate([[bos], tokens]).astype(np.int32)
+                trained = np.concatenate([[False], trained])
+            if eos is not None and (not len(tokens) or tokens[-1] != eos):
+                # The closing EOS is learned only when the conversation ends on a reply.
+                ends_on_reply = bool(turn_spans) and turn_spans[-1][1] >= len(text.rstrip())
+                tokens = np.concatenate([tokens, [eos]]).astype(np.int32)
+                trained = np.concatenate([trained, [ends_on_reply]])
+            if not trained.any():
+                rejects.add("no_target_tokens", "no reply token survives tokenization", doc_id, text)
+                continue
+            out_ids.append(doc_id)
+            out_tokens.append(tokens)
+            out_labels.append(np.where(trained, tokens, IGNORE_INDEX).astype(np.int32))
+            stats.extra["target_tokens"] = stats.extra.get("target_tokens", 0) + int(trained.sum())
+        if not out_ids:
+            return None
+        lengths = np.fromiter(map(len, out_tokens), dtype=np.int64, count=len(out_tokens))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        stats.rows_out += len(out_ids)
+        stats.extra["tokens"] = stats.extra.get("tokens", 0) + int(offsets[-1])
+        return pa.RecordBatch.from_arrays(
+            [
+                pa.array(out_ids, pa.string()),
+                _list_array(np.concatenate(out_tokens), offsets),
+                pa.array(lengths.astype(np.int32)),
+                _list_array(np.concatenate(out_labels), offsets),
+            ],
+            schema=SFT_TOKENS_SCHEMA,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+
+    def finalize(self, inputs: list[Artifact], cfg: TokenizeConfig, directory: str, fs: Any) -> dict[str, Any]:
+        """Token counts over the whole artifact and the tokenizer's identity, for pack and for readers."""
+        path, field = tokenizer_directory(inputs, cfg)
+        tok = load_tokenizer(path, field)
+        tokenizer = tokenizer_info(tok)
+        if len(inputs) == 2:
+            tokenizer.update(path=inputs[1].path, fingerprint=inputs[1].fingerprint)
+        else:
+            identity = tokenizer_identity(cfg.tokenizer, "tokenizer")
+            tokenizer.update(path=identity["path"], fingerprint=identity["sha256"][:20])
+        return {"tokenizer": tokenizer, "tokens": token_length_summary(fs, directory)}
+
+
+def _uses_alpaca(tok: Any, cfg: TokenizeConfig) -> bool:
+    return cfg.template == "alpaca" or (cfg.template == "auto" and not getattr(tok, "chat_template", None))
+
+
+def token_length_summary(fs: Any, directory: str) -> dict[str, Any]:
+    """Exact totals and a power-of-two histogram of document lengths; memory is one column batch."""
+    base = directory.rstrip("/")
+    shards = sorted(fs.glob(f"{base}/part-*.parquet"))
+    docs = tokens = 0
+    smallest, largest = None, 0
+    buckets = np.zeros(40, dtype=np.int64)
+    for shard in shards:
+        with fs.open(shard, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["n_tokens"], batch_size=65_536):
+                n = batch.column(0).to_numpy().astype(np.int64)
+                if not len(n):
+                    continue
+                docs += len(n)
+                tokens += int(n.sum())
+                smallest = int(n.min()) if smallest is None else min(smallest, int(n.min()))
+                largest = max(largest, int(n.max()))
+                buckets += np.bincount(np.ceil(np.log2(np.maximum(n, 1))).astype(np.int64), minlength=40)[:40]
+    histogram = {f"<={1 << i}": int(c) for i, c in enumerate(buckets) if c}
+    return {
+        "docs": docs,
+        "tokens": tokens,
+        "min": smallest or 0,
+        "max": largest,
+        "mean": round(tokens / docs, 2) if docs else 0.0,
+        "length_histogram": histogram,
+    }
