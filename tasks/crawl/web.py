@@ -501,8 +501,8 @@ def emit_journal(journal: Journal, label: str, out: ArtifactWriter, stats: Stage
     for url, offset, rec in sorted(pages, key=lambda p: p[0]):
         if rec["reason"] is None:
             final = rec["final_url"]
-            best = kept.get(final)
-            if best is None or (url == final, ) > (best[0] == final, ):
+            best = kept.get(final)  # pages come in URL order: the first is the smallest
+            if best is None or (url == final and best[0] != final):
                 kept[final] = (url, offset, rec)
     kept_offsets = {v[1] for v in kept.values()}
 
