@@ -194,3 +194,54 @@ def test_prefect_deploy_of_the_shipped_file_and_a_worker_run(prefect_server, tmp
     run = wait_run(prefect_server, run["id"], timeout=120)
     assert run["state_type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
     assert os.path.isdir(tmp_path / "worker-store" / "ingest")
+
+
+def test_failure_notification_automation_from_the_shipped_template(prefect_server, served, tmp_path):
+    """deployments/automations.yaml, with a real webhook block pointing at a loopback receiver: a failed
+    run of a Kiln flow produces a notification."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append(json.loads(body or b"{}"))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        make_block = (
+            "from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
+            f"print(B(name='kiln-test', url='http://127.0.0.1:{httpd.server_port}/hook', "
+            "json_data={'subject': '{{subject}}', 'body': '{{body}}'}).save('kiln-alerts', overwrite=True))"
+        )
+        r = subprocess.run([sys.executable, "-c", make_block], env=prefect_server.env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        block_id = r.stdout.strip().splitlines()[-1]
+        template = open(os.path.join(REPO, "deployments", "automations.yaml")).read()
+        automation = tmp_path / "automations.yaml"
+        automation.write_text(template.replace("00000000-0000-0000-0000-000000000000", block_id))
+        r = subprocess.run([sys.executable, "-m", "prefect", "automation", "create", "--from-file", str(automation)],
+                           env=prefect_server.env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        d = deployment(prefect_server, "manual")
+        cfg = small_config(tmp_path / "store", tmp_path / "no-such-corpus")
+        run = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": cfg}}).json()
+        run = wait_run(prefect_server, run["id"])
+        assert run["state_type"] == "FAILED"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not received:
+            time.sleep(0.5)
+        assert received, "no notification arrived"
+        assert run["name"] in received[0]["subject"] and "Failed" in received[0]["subject"]
+        assert "no such file or directory" in received[0]["body"]
+    finally:
+        httpd.shutdown()
