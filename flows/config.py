@@ -14,8 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.ingest import IngestConfig
 
-# The data stages in pipeline order; each consumes the output of the enabled stage before it.
-DATA_STAGES: tuple[str, ...] = ("ingest",)
+# The stages in pipeline order, each with what it reads:
+#   "docs"  -- the current documents: the output of the last enabled document stage before it, or else
+#              of every enabled source stage (their shards are read together);
+#   a name  -- that stage's output (the stage must be enabled).
+PIPELINE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ingest", ()),
+)
+SOURCE_STAGES = frozenset({"ingest"})  # documents from outside the store
+DOCUMENT_STAGES: frozenset[str] = frozenset()  # documents in, documents out (filters)
+DATA_STAGES: tuple[str, ...] = tuple(name for name, _ in PIPELINE)
 
 
 class StoreConfig(BaseModel):

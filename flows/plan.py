@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flows.config import DATA_STAGES, ConfigError, PipelineConfig
+from flows.config import DATA_STAGES, DOCUMENT_STAGES, PIPELINE, SOURCE_STAGES, ConfigError, PipelineConfig
 from tasks.artifacts import ArtifactStore
 from tasks.stage import Stage, StageConfig, StageInputError, get_stage
 
@@ -31,31 +31,44 @@ def store_for(config: PipelineConfig) -> ArtifactStore:
 
 def plan_pipeline(config: PipelineConfig, source: str = "config") -> list[PlannedStage]:
     store = store_for(config)
-    planned: list[PlannedStage] = []
-    for name in DATA_STAGES:
+    planned: dict[str, PlannedStage] = {}
+    documents: list[str] = []  # the stages whose outputs are the current documents
+    for name, wants in PIPELINE:
         cfg = config.stage_config(name)
         if cfg is None or not cfg.enabled:
             continue
+        inputs: list[str] = []
+        for want in wants:
+            if want == "docs":
+                if not documents:
+                    raise ConfigError(f"{source}: {name} reads documents: configure a source stage "
+                                      f"({', '.join(sorted(SOURCE_STAGES))})")
+                inputs += documents
+            elif want in planned:
+                inputs.append(want)
+            else:
+                raise ConfigError(f"{source}: {name} reads the output of {want}: configure and enable {want}")
         stage = get_stage(name)
-        upstream = [planned[-1]] if planned else []
         try:
-            fp = stage.fingerprint(cfg, [p.fingerprint for p in upstream])
+            fp = stage.fingerprint(cfg, [planned[i].fingerprint for i in inputs])
         except StageInputError as e:
             raise ConfigError(f"{source}: {name}.{e}") from None
-        planned.append(
-            PlannedStage(
-                name=name,
-                stage=stage,
-                cfg=cfg,
-                inputs=[p.name for p in upstream],
-                fingerprint=fp,
-                path=store.path(name, fp),
-                committed=store.is_committed(name, fp),
-            )
+        planned[name] = PlannedStage(
+            name=name,
+            stage=stage,
+            cfg=cfg,
+            inputs=inputs,
+            fingerprint=fp,
+            path=store.path(name, fp),
+            committed=store.is_committed(name, fp),
         )
+        if name in SOURCE_STAGES:
+            documents.append(name)
+        elif name in DOCUMENT_STAGES:
+            documents = [name]
     if not planned:
         raise ConfigError(f"{source}: no stage is configured and enabled (stages: {', '.join(DATA_STAGES)})")
-    return planned
+    return list(planned.values())
 
 
 def select(
@@ -77,7 +90,10 @@ def select(
                     f"--only {only}: its input stage {up!r} has no committed artifact yet; run that stage first"
                 )
         return chosen, forced
-    if from_stage:
-        start = names.index(from_stage)
-        forced |= set(names[start:])
+    if from_stage:  # the stage and everything downstream of it (planned is in dependency order)
+        downstream = {from_stage}
+        for p in planned:
+            if downstream & set(p.inputs):
+                downstream.add(p.name)
+        forced |= downstream
     return planned, forced
