@@ -8,10 +8,13 @@ arguments returning plain dicts.
 from __future__ import annotations
 
 import codecs
+import logging
 import re
 from typing import Any
 
 from tasks.crawl.urls import NON_LINK_SCHEMES, normalize_url, scheme_of
+
+log = logging.getLogger("kiln.crawl")
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([a-zA-Z0-9_:.-]+)""", re.I)
@@ -77,6 +80,12 @@ def _clean_title(title: str | None) -> str | None:
     return title or None
 
 
+def _failed(error: str | None) -> dict[str, Any]:
+    """An analysis with nothing found; `error` says why, if something went wrong."""
+    return {"text": "", "title": None, "links": [], "encoding": None, "noindex": False, "nofollow": False,
+            "error": error}
+
+
 def analyse_page(
     body: bytes,
     url: str,
@@ -89,8 +98,7 @@ def analyse_page(
 ) -> dict[str, Any]:
     """Decode and extract one page. Never raises on bad input: a failure is an `error` field."""
     html = media_type in HTML_TYPES
-    result: dict[str, Any] = {"text": "", "title": None, "links": [], "encoding": None,
-                              "noindex": False, "nofollow": False, "error": None}
+    result = _failed(None)
     try:
         encoding = detect_encoding(body, header_charset, html)
         result["encoding"] = encoding
@@ -160,14 +168,17 @@ class Extractor:
     """Runs `analyse_page` in worker processes, or in a thread when workers == 0.
 
     Workers come from a forkserver, not a fork of this process: the stage may run inside Prefect,
-    whose threads could hold locks at fork time. A worker that dies (a parser crash on hostile
-    markup) breaks the pool; it is rebuilt and the page tried once more.
+    whose threads could hold locks at fork time. A pool that breaks before any page came back could
+    not start its workers (an unguarded `__main__` script re-run by them, no /dev/shm): extraction
+    falls back to a thread, slower but correct. A pool that breaks later lost a worker to one page
+    (a parser crash on hostile markup): the pool is rebuilt and that page fails alone.
     """
 
     def __init__(self, workers: int):
         self.workers = workers
         self._pool = None
         self._thread_pool = None
+        self._pool_worked = False
 
     def _executor(self):
         import concurrent.futures
@@ -183,10 +194,13 @@ class Extractor:
             self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
         return self._pool
 
-    def _reset(self) -> None:
+    def _broken(self, error: BaseException) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if not self._pool_worked and self.workers:
+            log.warning("extraction worker processes failed (%s); extracting in a thread instead", error)
+            self.workers = 0
 
     async def analyse(self, **kwargs: Any) -> dict[str, Any]:
         import asyncio
@@ -195,31 +209,34 @@ class Extractor:
         loop = asyncio.get_running_loop()
         for attempt in range(2):
             try:
-                return await loop.run_in_executor(self._executor(), _analyse_kwargs, kwargs)
+                result = await loop.run_in_executor(self._executor(), _analyse_kwargs, kwargs)
+                self._pool_worked = self._pool_worked or self.workers > 0
+                return result
             except BrokenProcessPool as e:
-                self._reset()
+                self._broken(e)
                 if attempt:
-                    return {"text": "", "title": None, "links": [], "encoding": None, "noindex": False,
-                            "nofollow": False, "error": f"extraction worker died: {e}"}
+                    return _failed(f"extraction worker died: {e}")
         raise AssertionError("unreachable")
 
     def map(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Results in the order of `calls` (WARC records keep their file order)."""
         from concurrent.futures.process import BrokenProcessPool
 
+        chunk = max(1, len(calls) // (4 * max(self.workers, 1)))
         try:
-            return list(self._executor().map(_analyse_kwargs, calls, chunksize=max(1, len(calls) // (4 * max(self.workers, 1)))))
-        except BrokenProcessPool:
-            self._reset()
-            results = []
-            for call in calls:  # one at a time, so one poisonous page fails alone
-                try:
-                    results.append(self._executor().submit(_analyse_kwargs, call).result())
-                except BrokenProcessPool as e:
-                    self._reset()
-                    results.append({"text": "", "title": None, "links": [], "encoding": None, "noindex": False,
-                                    "nofollow": False, "error": f"extraction worker died: {e}"})
+            results = list(self._executor().map(_analyse_kwargs, calls, chunksize=chunk))
+            self._pool_worked = self._pool_worked or self.workers > 0
             return results
+        except BrokenProcessPool as e:
+            self._broken(e)
+        results = []
+        for call in calls:  # one at a time, so that a poisonous page fails alone
+            try:
+                results.append(self._executor().submit(_analyse_kwargs, call).result())
+            except BrokenProcessPool as e:
+                self._broken(e)
+                results.append(_failed(f"extraction worker died: {e}"))
+        return results
 
     def close(self) -> None:
         if self._pool is not None:

@@ -27,6 +27,9 @@ from tasks.stage import StageInputError
 
 WARC_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz", ".wet", ".wet.gz")
 DOCUMENT_RECORD_TYPES = ("response", "resource", "conversion")
+KNOWN_RECORD_TYPES = frozenset(
+    {"warcinfo", "response", "resource", "request", "metadata", "revisit", "conversion", "continuation", "arc_header"}
+)
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _WARC_LINE = re.compile(rb"(?:^|\r?\n)WARC/1\.[01]\r?\n")
 _SCAN_CHUNK = 1 << 20
@@ -120,6 +123,8 @@ def _read_record(record: Any, max_bytes: int) -> dict[str, Any]:
         "truncated": False,
         "digest_failed": None,
     }
+    if record.rec_type not in KNOWN_RECORD_TYPES:  # e.g. headers cut off mid-word by a truncation
+        raise ValueError(f"unknown WARC record type {record.rec_type!r}")
     if record.rec_type not in DOCUMENT_RECORD_TYPES:
         return item
     if record.length is None:
@@ -155,17 +160,20 @@ def iter_warc(f: Any, max_bytes: int, check_digests: bool = True) -> Iterator[di
     while True:
         f.seek(pos)
         it = ArchiveIterator(f, arc2warc=True, check_digests=check_digests)
-        start = pos
         try:
             for record in it:
-                start = it.offset
                 item = _read_record(record, max_bytes)
-                item["offset"] = start
+                item["offset"] = it.offset  # where this record starts: the end of the one before
                 yield item
+            end = it.offset
+            f.seek(end)
+            if f.read(1 << 16).strip(b"\r\n\t \0"):  # a record cut short before warcio saw its headers
+                yield {"offset": end, "error": "the file ends inside a record", "reason": "truncated_record"}
             return
         except Exception as e:  # warcio, zlib and the HTTP header parser each raise their own kinds
-            yield {"offset": start, "error": f"{type(e).__name__}: {str(e)[:200]}".strip()}
-            nxt = _next_boundary(f, start + 1, gzipped)
+            bad = it.offset  # the record being read, or the one after the last good record
+            yield {"offset": bad, "error": f"{type(e).__name__}: {str(e)[:200]}".strip()}
+            nxt = _next_boundary(f, bad + 1, gzipped)
             if nxt is None:
                 return
             pos = nxt
@@ -227,7 +235,7 @@ def ingest_warc(
         for item in iter_warc(f, src.max_body_bytes):
             records += 1
             if "error" in item:
-                reject(item, "corrupt_record", item["error"])
+                reject(item, item.get("reason", "corrupt_record"), item["error"])
                 continue
             if item["type"] not in DOCUMENT_RECORD_TYPES:
                 other += 1

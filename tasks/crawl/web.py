@@ -78,8 +78,8 @@ class HostState:
         self.origin = origin
         self.slots = asyncio.Semaphore(concurrency)
         self.start_lock = asyncio.Lock()
-        self.next_start = 0.0
-        self.delay = delay
+        self.last_start = float("-inf")
+        self.delay = delay  # may grow once robots.txt is read; it applies from the last start on
         self.prepared: asyncio.Future | None = None
         self.problem: tuple[str, str] | None = None  # (reason, detail) refusing every URL of the host
         self.robots: Protego | None = None
@@ -204,16 +204,19 @@ class WebCrawler:
                 skipped.append([url, "max_depth", f"depth {depth} > max_depth {src.max_depth}", parent])
             else:
                 in_scope.append(url)
-        if in_scope and self.budget_used < src.max_pages:
+        # Hosts are contacted (address check, robots.txt) only while the budget lasts; a refusal
+        # then outranks the budget as the reason a URL is skipped.
+        checked = bool(in_scope) and self.budget_used < src.max_pages
+        if checked:
             await asyncio.gather(*(self._prepare_host(o) for o in sorted({origin_of(u) for u in in_scope})))
         level: list[str] = []
         for url in in_scope:
             parent = candidates[url]
-            refusal = None if self.budget_used >= src.max_pages else self._host_refusal(url)
-            if self.budget_used >= src.max_pages:
-                skipped.append([url, "max_pages", f"page budget of {src.max_pages} spent", parent])
-            elif refusal:
+            refusal = self._host_refusal(url) if checked else None
+            if refusal:
                 skipped.append([url, *refusal, parent])
+            elif self.budget_used >= src.max_pages:
+                skipped.append([url, "max_pages", f"page budget of {src.max_pages} spent", parent])
             else:
                 level.append(url)
                 self.budget_used += 1
@@ -352,11 +355,11 @@ class WebCrawler:
             # The start lock is held while waiting for a global slot too: otherwise two requests
             # of one host could both wait there and then start together, closer than the delay.
             async with host.start_lock:
-                wait = host.next_start - loop.time()
+                wait = host.last_start + host.delay - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
                 await self.global_slots.acquire()
-                host.next_start = loop.time() + host.delay
+                host.last_start = loop.time()
             try:
                 return await self._get(url, robots)
             finally:

@@ -1,0 +1,168 @@
+"""The `clean` stage: normalise, then keep or drop each document by small, switchable filters.
+
+Order (the one datatrove's FineWeb recipe uses): normalise -> length -> Gopher repetition -> Gopher
+quality -> C4 (line rules edit the text) -> FineWeb -> in-document repeat removal. Code documents
+(meta says so) get the length and code rules instead of the prose rules, which would wreck them.
+Every dropped document is a reject with "<filter>:<rule>"; every edit is counted in stats.extra.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from tasks.artifacts import Artifact, ArtifactWriter, StageStats
+from tasks.clean.filters import (
+    C4Config,
+    C4Filter,
+    CodeConfig,
+    CodeFilter,
+    Doc,
+    FineWebConfig,
+    FineWebFilter,
+    GopherQualityConfig,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    InDocDedup,
+    InDocDedupConfig,
+    LengthConfig,
+    LengthFilter,
+    NormaliseConfig,
+    Normaliser,
+    RepetitionConfig,
+)
+from tasks.documents import DOCUMENT_SCHEMA, MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, DocumentBatcher
+from tasks.stage import Stage, StageConfig
+
+
+class CodeDetection(BaseModel):
+    model_config = {"extra": "forbid"}
+    meta_keys: list[str] = Field(["language"], description="A document whose meta has one of these keys is code "
+                                 "(the crawl stage puts 'language' there for source files).")
+    sources: list[str] = Field([], description="Substrings of `source` that mark code documents.")
+
+
+class CleanConfig(StageConfig):
+    """Which filters run, with which thresholds. Each section has `enabled`."""
+
+    execution_fields = StageConfig.execution_fields | {"batch_rows"}
+
+    normalise: NormaliseConfig = Field(default_factory=NormaliseConfig)
+    length: LengthConfig = Field(default_factory=LengthConfig)
+    repetition: RepetitionConfig = Field(default_factory=RepetitionConfig)
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+    in_doc_dedup: InDocDedupConfig = Field(default_factory=InDocDedupConfig)
+    code: CodeConfig = Field(default_factory=CodeConfig)
+    code_detection: CodeDetection = Field(default_factory=CodeDetection)
+    batch_rows: int = Field(2048, ge=1, description="Rows per Arrow batch written.")
+
+
+def _is_code(meta: dict[str, Any], source: str | None, det: CodeDetection) -> bool:
+    if any(k in meta for k in det.meta_keys) or meta.get("kind") == "code":
+        return True
+    return bool(source) and any(s in source for s in det.sources)
+
+
+class DocumentCleaner:
+    """The filter chain for one config; `clean(text, is_code)` -> (text, None) or (text, (reason, detail))."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.cfg = cfg
+        self.normaliser = Normaliser(cfg.normalise) if cfg.normalise.enabled else None
+        self.length = LengthFilter(cfg.length) if cfg.length.enabled else None
+        self.prose = [f for f, on in (
+            (GopherRepetitionFilter(cfg.repetition), cfg.repetition.enabled),
+            (GopherQualityFilter(cfg.gopher_quality), cfg.gopher_quality.enabled),
+            (C4Filter(cfg.c4), cfg.c4.enabled),
+            (FineWebFilter(cfg.fineweb), cfg.fineweb.enabled),
+        ) if on]
+        self.code = CodeFilter(cfg.code) if cfg.code.enabled else None
+        self.dedup = InDocDedup(cfg.in_doc_dedup) if cfg.in_doc_dedup.enabled else None
+
+    def clean(self, text: str, is_code: bool, counts: dict[str, int]) -> tuple[str, tuple[str, str] | None]:
+        if self.normaliser is not None:
+            new = self.normaliser.edit(text)
+            if new != text:
+                counts["normalised_docs"] = counts.get("normalised_docs", 0) + 1
+            text = new
+        if not text.strip():
+            return text, ("normalise:empty", "no text left after normalisation")
+        doc = Doc(text)
+        if self.length is not None and (v := self.length.check(doc)):
+            return doc.text, v
+        if is_code:
+            if self.code is not None and (v := self.code.check(doc)):
+                return doc.text, v
+            return doc.text, None
+        for f in self.prose:
+            if isinstance(f, C4Filter):
+                v, removed = f.check_and_edit(doc)
+                if removed:
+                    counts["c4_lines_removed"] = counts.get("c4_lines_removed", 0) + removed
+            else:
+                v = f.check(doc)
+            if v:
+                return doc.text, v
+        if self.dedup is not None:
+            new, removed = self.dedup.edit(doc.text)
+            if removed:
+                counts["repeats_removed_in_doc"] = counts.get("repeats_removed_in_doc", 0) + removed
+                counts["docs_with_repeats_removed"] = counts.get("docs_with_repeats_removed", 0) + 1
+            return new, None
+        return doc.text, None
+
+
+class CleanStage(Stage):
+    name = "clean"
+    version = 1
+    Config = CleanConfig
+
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: CleanConfig, out: ArtifactWriter) -> StageStats:
+        stats = StageStats()
+        cleaner = DocumentCleaner(cfg)
+        counts: dict[str, int] = {}
+        docs = DocumentBatcher(DOCUMENT_SCHEMA, cfg.batch_rows)
+        rejects = DocumentBatcher(REJECT_SCHEMA, cfg.batch_rows)
+        artifact = inputs[unit["input"]]
+        path = artifact.shards()[unit["shard"]]
+        import pyarrow.parquet as pq
+
+        with artifact.fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    stats.rows_in += 1
+                    text = row.get("text")
+                    if not isinstance(text, str):
+                        self._reject(out, rejects, stats, row, "", ("clean:no_text", "text is missing"))
+                        continue
+                    stats.bytes_in += len(text)
+                    try:
+                        meta = json.loads(row["meta"]) if row.get("meta") else {}
+                        meta = meta if isinstance(meta, dict) else {}
+                    except (TypeError, ValueError):
+                        meta = {}
+                    new, verdict = cleaner.clean(text, _is_code(meta, row.get("source"), cfg.code_detection), counts)
+                    if verdict:
+                        self._reject(out, rejects, stats, row, text, verdict)
+                        continue
+                    stats.rows_out += 1
+                    out.write(docs.add(**{**row, "text": new}))
+        out.write(docs.flush())
+        out.reject(rejects.flush())
+        stats.extra.update(counts)
+        return stats
+
+    @staticmethod
+    def _reject(out: ArtifactWriter, rejects: DocumentBatcher, stats: StageStats, row: dict[str, Any], text: str,
+                verdict: tuple[str, str]) -> None:
+        reason, detail = verdict
+        stats.reject(reason)
+        if len(text) > MAX_REJECT_TEXT_CHARS:
+            detail = f"{detail} (text truncated from {len(text)} chars)"
+            text = text[:MAX_REJECT_TEXT_CHARS]
+        out.reject(rejects.add(**{**row, "text": text, "reason": reason, "detail": detail}))

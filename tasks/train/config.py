@@ -1,0 +1,117 @@
+"""Training config: the model, the method (full / LoRA / prefix / adapter), the optimiser, DeepSpeed, the launch."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.stage import StageConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """A Hugging Face causal LM by hub name or local path, or a new one from a config with random weights."""
+
+    name_or_path: str | None = Field(None, description="Hub id (needs internet) or local directory of a causal LM.")
+    init: dict[str, Any] | None = Field(
+        None,
+        description="Build a new model with random weights from these config values, e.g. "
+        "{model_type: llama, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4}. "
+        "vocab_size and the special token ids come from the tokenizer.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel. Document boundaries are kept with every one of them."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.init is None):
+            raise ValueError("set exactly one of model.name_or_path (load a model) or model.init (random init)")
+        return self
+
+
+class MethodConfig(_Section):
+    """What is trained. PEFT methods come from the peft library."""
+
+    method: Literal["full", "lora", "prefix", "adapter"] = Field(
+        "full",
+        description="full: every weight. lora: low-rank adapters. prefix: prefix tuning. adapter: LLaMA-Adapter "
+        "(peft adaption_prompt: zero-gated learned prompts in the top layers; Llama-family models).",
+    )
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules LoRA wraps."
+    )
+    prefix_tokens: int = Field(16, ge=1, description="Virtual tokens for prefix tuning.")
+    adapter_len: int = Field(10, ge=1, description="Adaption prompt length (adapter).")
+    adapter_layers: int = Field(2, ge=1, description="Top layers that get an adaption prompt (adapter).")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup, then cosine decay to min_lr_ratio * lr.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0: off).")
+
+
+class DeepSpeedOptions(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload of optimizer state (GPU runs).")
+    offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-3 parameter offload (GPU runs).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
+    )
+
+
+class LaunchConfig(_Section):
+    """How the ranks are started. Not fingerprinted: the same run on other hardware is the same run."""
+
+    device: Literal["cpu", "gpu"] = Field("cpu", description="cpu: gloo ranks. gpu: NCCL, one rank per GPU.")
+    procs_per_node: int = Field(2, ge=1, description="Ranks per node (CPU processes, or GPUs).")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile (`host slots=N` lines) for several nodes.")
+    master_addr: str = Field("127.0.0.1", description="Rendezvous address (the first node's, for several nodes).")
+    master_port: int | None = Field(None, ge=1024, le=65535, description="Rendezvous port; default: a free one.")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Peak dense TFLOP/s of one device, for the MFU estimate (known GPUs are detected)."
+    )
+
+
+class TrainConfig(StageConfig):
+    """One training run over a packed dataset (the pack stage's output)."""
+
+    execution_fields = StageConfig.execution_fields | {"launch", "log_every", "save_every", "keep_checkpoints", "tensorboard"}
+
+    objective: Literal["causal_lm", "sft"] = Field(
+        "causal_lm",
+        description="causal_lm: next-token loss on packed documents. sft: the same loss, where the pack stage "
+        "masked prompt tokens out of the labels.",
+    )
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    seq_len: int | None = Field(None, ge=8, description="Expected sequence length; a dataset that differs is refused.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per micro step.")
+    grad_accum: int = Field(1, ge=1, description="Micro steps per optimizer step.")
+    seed: int = 0
+    eval_every: int = Field(20, ge=1, description="Validation loss every N steps (and at the end).")
+    eval_batches: int = Field(8, ge=1, description="Micro batches per rank in one validation pass.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without a better validation loss."
+    )
+    log_every: int = Field(5, ge=1)
+    save_every: int = Field(50, ge=1, description="Resumable DeepSpeed checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = True

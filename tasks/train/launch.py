@@ -1,0 +1,208 @@
+"""Build the DeepSpeed config and the launch command, run the ranks, stream their output, explain failures."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tasks.train.config import TrainConfig
+
+log = logging.getLogger("kiln.train")
+
+
+class TrainLaunchError(RuntimeError):
+    """Training could not start, or a rank failed; the message names the rank and its error."""
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    p = cfg.deepspeed.precision
+    if cfg.launch.device == "cpu":
+        if p in ("bf16", "fp16"):
+            raise TrainLaunchError(f"train.deepspeed.precision: {p} needs launch.device: gpu; CPU ranks train in fp32")
+        return "fp32"
+    if p != "auto":
+        return p
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    precision = resolve_precision(cfg)
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage >= 2:
+        zero.update(overlap_comm=cfg.launch.device == "gpu", contiguous_gradients=True)
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.deepspeed.offload_optimizer == "cpu":
+        if cfg.deepspeed.zero_stage == 0:
+            raise TrainLaunchError("train.deepspeed.offload_optimizer: needs zero_stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.deepspeed.offload_params == "cpu":
+        if cfg.deepspeed.zero_stage != 3:
+            raise TrainLaunchError("train.deepspeed.offload_params: needs zero_stage 3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.launch.device == "gpu":  # DeepSpeed's fused (or CPU-offload) Adam; on CPU the worker uses torch AdamW
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                       "weight_decay": cfg.optim.weight_decay},
+        }
+    return ds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hosts(hostfile: str) -> list[tuple[str, int]]:
+    hosts = []
+    with open(hostfile) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+            if not m:
+                raise TrainLaunchError(f"train.launch.hostfile: {hostfile}: bad line {line!r} (want 'host slots=N')")
+            hosts.append((m.group(1), int(m.group(2))))
+    if not hosts:
+        raise TrainLaunchError(f"train.launch.hostfile: {hostfile} lists no hosts")
+    return hosts
+
+
+def world_size(cfg: TrainConfig) -> int:
+    if cfg.launch.hostfile:
+        return sum(slots for _, slots in _hosts(cfg.launch.hostfile))
+    return cfg.launch.procs_per_node
+
+
+def check_hardware(cfg: TrainConfig) -> None:
+    """Refuse, before anything starts, a launch this machine cannot do."""
+    if cfg.launch.hostfile and not os.path.exists(cfg.launch.hostfile):
+        raise TrainLaunchError(f"train.launch.hostfile: no such file: {cfg.launch.hostfile}")
+    if cfg.launch.device != "gpu":
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise TrainLaunchError(
+            "train.launch.device: gpu, but this machine has no CUDA GPU visible to torch "
+            f"(torch {torch.__version__}; a CPU build cannot use GPUs). Use launch.device: cpu, or install a CUDA torch."
+        )
+    if not cfg.launch.hostfile and cfg.launch.procs_per_node > n:
+        raise TrainLaunchError(f"train.launch.procs_per_node: {cfg.launch.procs_per_node} ranks asked, {n} GPU(s) here")
+
+
+def command(cfg: TrainConfig, run_json: str) -> tuple[list[str], dict[str, str]]:
+    env = dict(os.environ)
+    port = cfg.launch.master_port or _free_port()
+    worker = ["-m", "tasks.train.worker", "--spec", run_json]
+    if cfg.launch.device == "cpu":
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    if cfg.launch.hostfile:  # several nodes: DeepSpeed's launcher (pdsh/ssh) starts torch ranks on each host
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", cfg.launch.hostfile,
+               "--master_addr", cfg.launch.master_addr, "--master_port", str(port), "--module", *worker[1:2], *worker[2:]]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.launch.procs_per_node),
+               "--master_addr", cfg.launch.master_addr, "--master_port", str(port), *worker]
+    return cmd, env
+
+
+_RANK_LINE = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_EXIT_LINE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], None] | None = None,
+        cwd: str | None = None) -> list[dict[str, Any]]:
+    """Start the ranks and wait. Every output line goes to the `kiln.train` logger; JSON event lines are
+    also handed to `on_event`. Raises TrainLaunchError naming the failing rank and its error."""
+    cmd, env = command(cfg, run_json)
+    log.info("launching %d rank(s): %s", world_size(cfg), " ".join(cmd))
+    events: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    dead: dict[int, int] = {}
+    tail: collections.deque[str] = collections.deque(maxlen=15)
+    current_rank: int | None = None
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith("{") and '"kiln"' in line:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    event = None
+                if isinstance(event, dict) and "kiln" in event:
+                    (errors if event["kiln"] == "error" else events).append(event)
+                    if on_event:
+                        on_event(event)
+            m = _RANK_LINE.match(line)
+            if m:
+                current_rank = int(m.group(1))
+            m = _EXIT_LINE.match(line)
+            if m and current_rank is not None:
+                dead[current_rank] = int(m.group(1))
+            log.info("%s", line)
+            tail.append(line)
+        code = proc.wait()
+    except BaseException:
+        _kill_group(proc)
+        raise
+    if code != 0:
+        raise TrainLaunchError(_explain(code, errors, dead, list(tail)))
+    return events
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _explain(code: int, errors: list[dict[str, Any]], dead: dict[int, int], tail: list[str]) -> str:
+    if errors:
+        first = min(errors, key=lambda e: e.get("rank", 0))
+        if first.get("kind") == "non_finite_loss":
+            return f"training stopped on rank {first.get('rank')}: {first['error']}"
+        return f"training failed on rank {first.get('rank')}: {first['error']}"
+    for rank, exitcode in sorted(dead.items()):
+        if exitcode < 0:
+            try:
+                name = signal.Signals(-exitcode).name
+            except ValueError:
+                name = f"signal {-exitcode}"
+            return f"training failed: rank {rank} was killed by {name}; rerun to resume from the last checkpoint"
+        return f"training failed: rank {rank} exited with code {exitcode}; see the log above"
+    return f"training failed: the launcher exited with code {code}; its last lines:\n" + "\n".join(tail)
