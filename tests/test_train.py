@@ -95,3 +95,68 @@ def test_gpu_asked_on_a_cpu_machine_fails_before_launch(tmp_path, inputs):
 def test_sequence_length_mismatch_is_refused(tmp_path, inputs):
     with pytest.raises(TrainLaunchError, match="seq_len: the config says 128, the dataset's sequences have 64"):
         run(tmp_path, inputs, seq_len=128)
+
+
+KILL_SCRIPT = """
+import sys, json
+sys.path.insert(0, "tests")
+from tasks.artifacts import ArtifactStore, Artifact
+from tasks.stage import run_in_store
+from tasks.train.config import TrainConfig
+from tasks.train.stage import TrainStage
+cfg = TrainConfig.model_validate(json.loads(sys.argv[1]))
+inputs = [Artifact.open(p) for p in sys.argv[3:]]
+run_in_store(TrainStage(), cfg, inputs, ArtifactStore(sys.argv[2]))
+"""
+
+
+def test_rank_killed_then_rerun_resumes_with_identical_losses(tmp_path, inputs):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import REPO
+
+    over = dict(max_steps=30, save_every=10, eval_every=30, log_every=1)
+    cfg = train_cfg(**over)
+    reference = run_in_store(TrainStage(), cfg, list(inputs), ArtifactStore(str(tmp_path / "reference")))
+    ref_losses = dict(losses(reference))
+
+    root = str(tmp_path / "killed")
+    fp = TrainStage().fingerprint(cfg, [a.fingerprint for a in inputs])
+    latest = os.path.join(root, "train", f".staging-{fp}", "checkpoints", "latest")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, cfg.model_dump_json(), root, *(a.path for a in inputs)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victim is None:
+        if os.path.exists(latest) and open(latest).read().strip() == "step10":
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                cmd = " ".join(p.cmdline())
+                if "tasks.train.worker" in cmd and p.environ().get("RANK") == "1":
+                    victim = p
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    assert victim is not None, "never saw the step-10 checkpoint"
+    victim.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1 was killed by SIGKILL" in err
+
+    resumed = run_in_store(TrainStage(), cfg, list(inputs), ArtifactStore(root))
+    history = json.load(open(os.path.join(resumed.path, "metrics.json")))["history"]
+    steps = [h["step"] for h in history if h["kind"] == "train"]
+    assert steps == list(range(1, 31))  # the history before the checkpoint came back with it
+    after = {s: l for s, l in losses(resumed) if s > 10}
+    for step, loss in after.items():
+        assert loss == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, inputs):
+    with pytest.raises(TrainLaunchError, match=r"training stopped on rank \d: loss is (nan|inf)"):
+        run(tmp_path, inputs, optim={"lr": 1e30, "warmup_steps": 0, "grad_clip": 0}, max_steps=40, save_every=1)
+    ckpts = [p for p in (tmp_path / "store" / "train").glob(".staging-*/checkpoints/step*")]
+    assert ckpts, "no checkpoint kept"

@@ -148,6 +148,8 @@ def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], No
     dead: dict[int, int] = {}
     tail: collections.deque[str] = collections.deque(maxlen=15)
     current_rank: int | None = None
+    root_rank: int | None = None
+    in_root_cause = False
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
     try:
@@ -163,9 +165,13 @@ def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], No
                     (errors if event["kiln"] == "error" else events).append(event)
                     if on_event:
                         on_event(event)
+            if "Root Cause" in line:  # torchrun's summary names the first failure after this line
+                in_root_cause = True
             m = _RANK_LINE.match(line)
             if m:
                 current_rank = int(m.group(1))
+                if in_root_cause and root_rank is None:
+                    root_rank = current_rank
             m = _EXIT_LINE.match(line)
             if m and current_rank is not None:
                 dead[current_rank] = int(m.group(1))
@@ -176,7 +182,7 @@ def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], No
         _kill_group(proc)
         raise
     if code != 0:
-        raise TrainLaunchError(_explain(code, errors, dead, list(tail)))
+        raise TrainLaunchError(_explain(code, errors, dead, list(tail), root_rank))
     return events
 
 
@@ -191,18 +197,23 @@ def _kill_group(proc: subprocess.Popen) -> None:
             pass
 
 
-def _explain(code: int, errors: list[dict[str, Any]], dead: dict[int, int], tail: list[str]) -> str:
+def _explain(code: int, errors: list[dict[str, Any]], dead: dict[int, int], tail: list[str],
+             root_rank: int | None = None) -> str:
+    # A rank killed by a signal is the cause; the others then fail on broken collectives or are stopped
+    # by torchrun with SIGTERM, so the root cause (or a non-SIGTERM death) comes first.
+    order = sorted(dead.items(), key=lambda kv: (kv[0] != root_rank, kv[1] == -signal.SIGTERM, kv[0]))
+    if order and order[0][1] < 0:
+        rank, exitcode = order[0]
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"training failed: rank {rank} was killed by {name}; rerun to resume from the last checkpoint"
     if errors:
-        first = min(errors, key=lambda e: e.get("rank", 0))
-        if first.get("kind") == "non_finite_loss":
-            return f"training stopped on rank {first.get('rank')}: {first['error']}"
-        return f"training failed on rank {first.get('rank')}: {first['error']}"
+        nan = [e for e in errors if e.get("kind") == "non_finite_loss"]
+        first = min(nan or errors, key=lambda e: e.get("rank", 0))
+        verb = "stopped" if nan else "failed"
+        return f"training {verb} on rank {first.get('rank')}: {first['error']}"
     for rank, exitcode in sorted(dead.items()):
-        if exitcode < 0:
-            try:
-                name = signal.Signals(-exitcode).name
-            except ValueError:
-                name = f"signal {-exitcode}"
-            return f"training failed: rank {rank} was killed by {name}; rerun to resume from the last checkpoint"
-        return f"training failed: rank {rank} exited with code {exitcode}; see the log above"
+        return f"training failed: rank {rank} exited with code {exitcode}; its last lines:\n" + "\n".join(tail)
     return f"training failed: the launcher exited with code {code}; its last lines:\n" + "\n".join(tail)

@@ -241,7 +241,7 @@ def train(run: dict[str, Any]) -> int:
     tag = latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
     if tag:
         _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-        state.update(client or {})
+        state.update({k: v for k, v in (client or {}).items() if k in state})  # not DeepSpeed's own keys
         if rank == 0:
             emit("resumed", step=state["step"], tag=tag)
 
