@@ -108,6 +108,13 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
         notes.append(f"[bold]{name}[/]: {a.path}")
         if st["rejected"]:
             notes.append("  rejected by reason: " + ", ".join(f"{k} {v:,}" for k, v in st["rejected"].items()))
+        extra = st.get("extra", {})
+        if extra.get("final_validation_loss") is not None:
+            notes.append(
+                f"  {extra['steps']} steps, {extra['tokens_trained']:,} tokens; validation loss "
+                f"{extra['first_validation_loss']:.3f} -> {extra['final_validation_loss']:.3f} "
+                f"(perplexity {extra['final_perplexity']:.1f}); report: {os.path.join(a.path, 'report.md')}"
+            )
     console.print(table)
     for line in notes:
         console.print(line, highlight=False, soft_wrap=True)
@@ -291,12 +298,17 @@ def stage_cmd(
         settings = deep_merge(settings, parse_overrides(sets))
     except ConfigError as e:
         _fail(str(e))
-    loose_ingest = stage.name != "ingest"
-    if not loose_ingest:
+    # An --input holding a committed artifact (a tokenizer, a tokenize output) is passed as it is;
+    # loose files are ingested into documents first, unless the stage reads files itself.
+    artifact_inputs = [p for p in inputs if os.path.isfile(os.path.join(p, "_manifest.json"))]
+    file_inputs = [p for p in inputs if p not in artifact_inputs]
+    reads_files = "paths" in stage.Config.model_fields
+    loose_ingest = not reads_files and bool(file_inputs)
+    if reads_files:
         settings["paths"] = list(inputs)
     try:
         cfg = stage.Config.model_validate(settings)
-        ingest_cfg = IngestStage.Config.model_validate({"paths": list(inputs)}) if loose_ingest else None
+        ingest_cfg = IngestStage.Config.model_validate({"paths": file_inputs}) if loose_ingest else None
     except ValidationError as e:
         _fail(format_validation_error(e, config or "--set").replace("pipeline config", f"{name} config"))
 
@@ -333,6 +345,7 @@ def stage_cmd(
 
                 tmp = tempfile.mkdtemp(prefix="kiln-stage-")
                 inputs_art = [runner(IngestStage(), ingest_cfg, [], os.path.join(tmp, "ingest"))]
+            inputs_art += [Artifact.open(p) for p in artifact_inputs]  # after the documents: a tokenizer goes last
             art = runner(stage, cfg, inputs_art, output)
         except StageInputError as e:
             _fail(f"{name}.{e}")

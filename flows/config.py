@@ -12,7 +12,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.clean import CleanConfig
+from tasks.dedup import DedupConfig
 from tasks.ingest import IngestConfig
+from tasks.langid import LangIdConfig
+from tasks.pack import PackConfig
+from tasks.tokenize import SftIngestConfig, SftTokenizeConfig, TokenizeConfig, TokenizerConfig
+from tasks.train.config import TrainConfig
 
 # The stages in pipeline order, each with what it reads:
 #   "docs"  -- the current documents: the output of the last enabled document stage before it, or else
@@ -20,9 +26,24 @@ from tasks.ingest import IngestConfig
 #   a name  -- that stage's output (the stage must be enabled).
 PIPELINE: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ingest", ()),
+    ("clean", ("docs",)),
+    # dedup is map -> shuffle -> reduce -> filter, each phase its own artifact, all set by the `dedup` section
+    ("minhash", ("docs",)),
+    ("dedup_candidates", ("minhash",)),
+    ("dedup_clusters", ("dedup_candidates", "docs")),
+    ("dedup", ("docs", "dedup_clusters")),
+    ("langid", ("docs",)),
+    ("sft_ingest", ()),  # instruction data: not a source of plain documents
+    ("tokenizer", ("docs?",)),  # `?`: read when enabled (a loaded tokenizer needs no documents)
+    ("tokenize", ("docs", "tokenizer")),
+    ("sft_tokenize", ("sft_ingest", "tokenizer")),
+    ("pack", ("tokenize?", "sft_tokenize?")),
+    ("train", ("pack", "tokenizer?")),
 )
 SOURCE_STAGES = frozenset({"ingest"})  # documents from outside the store
-DOCUMENT_STAGES: frozenset[str] = frozenset()  # documents in, documents out (filters)
+DOCUMENT_STAGES = frozenset({"clean", "dedup", "langid"})  # documents in, documents out (filters)
+# Stages configured by another stage's section.
+CONFIG_SECTION = {"minhash": "dedup", "dedup_candidates": "dedup", "dedup_clusters": "dedup"}
 DATA_STAGES: tuple[str, ...] = tuple(name for name, _ in PIPELINE)
 
 
@@ -64,9 +85,18 @@ class PipelineConfig(BaseModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     ingest: IngestConfig | None = Field(None, description="Read local files / datasets into documents.")
+    clean: CleanConfig | None = Field(None, description="Quality, repetition and length filters; normalisation.")
+    dedup: DedupConfig | None = Field(None, description="Exact and MinHash near-duplicate removal.")
+    langid: LangIdConfig | None = Field(None, description="fastText language identification and filtering.")
+    sft_ingest: SftIngestConfig | None = Field(None, description="Read instruction data (Alpaca / chat) into documents.")
+    tokenizer: TokenizerConfig | None = Field(None, description="Train a byte-level BPE on the documents, or load one.")
+    tokenize: TokenizeConfig | None = Field(None, description="Documents -> token ids.")
+    sft_tokenize: SftTokenizeConfig | None = Field(None, description="Instruction examples -> token ids, prompts masked.")
+    pack: PackConfig | None = Field(None, description="Token ids -> fixed-length training rows, train/validation split.")
+    train: TrainConfig | None = Field(None, description="DeepSpeed training on the packed dataset.")
 
     def stage_config(self, name: str):
-        return getattr(self, name)
+        return getattr(self, CONFIG_SECTION.get(name, name))
 
 
 class ConfigError(ValueError):

@@ -39,14 +39,18 @@ def plan_pipeline(config: PipelineConfig, source: str = "config") -> list[Planne
             continue
         inputs: list[str] = []
         for want in wants:
+            optional = want.endswith("?")  # read when enabled, skipped otherwise
+            want = want.rstrip("?")
             if want == "docs":
                 if not documents:
+                    if optional:
+                        continue
                     raise ConfigError(f"{source}: {name} reads documents: configure a source stage "
                                       f"({', '.join(sorted(SOURCE_STAGES))})")
                 inputs += documents
             elif want in planned:
                 inputs.append(want)
-            else:
+            elif not optional:
                 raise ConfigError(f"{source}: {name} reads the output of {want}: configure and enable {want}")
         stage = get_stage(name)
         try:

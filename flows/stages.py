@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import os
 from typing import Any
 
 from prefect import task, unmapped
@@ -49,7 +52,8 @@ def stage_unit(
     config = stage.Config.model_validate(cfg)
     inputs = [Artifact.open(p) for p in input_paths]
     staging = _store(store_cfg).staging(stage_name, fp)
-    result = run_unit(stage, config, inputs, staging, index, unit)
+    with _forward_stage_logs():
+        result = run_unit(stage, config, inputs, staging, index, unit)
     s = result["stats"]
     get_run_logger().info(
         "%s unit %d/%d: %d rows in, %d kept, %d rejected %s",
@@ -57,6 +61,31 @@ def stage_unit(
     )
     tables = result["tables"]
     return {"unit": index, "rows": tables["data"]["rows"], "rejects_rows": tables["rejects"]["rows"]}
+
+
+class _ToRunLogger(logging.Handler):
+    def __init__(self, run_logger):
+        super().__init__()
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.log(record.levelno, "%s", record.getMessage())
+
+
+@contextlib.contextmanager
+def _forward_stage_logs():
+    """Stages log through `kiln.*` loggers (no Prefect inside them, e.g. every training rank's output);
+    while a unit runs, those records go to the task run's log in Prefect too."""
+    handler = _ToRunLogger(get_run_logger())
+    logger = logging.getLogger("kiln")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(min(previous or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def _stats_table(artifact: Artifact) -> list[dict[str, Any]]:
@@ -112,9 +141,14 @@ def stage_commit(
         description=f"**{stage_name}** `{fp}`: {st['rows_in']} rows in, {st['rows_out']} kept, "
         f"{st['rows_rejected']} rejected",
     )
+    own_report = os.path.join(artifact.path, "report.md")  # a stage's own report (training: loss curve)
+    markdown = _report_markdown(artifact)
+    if os.path.exists(own_report):
+        with open(own_report, encoding="utf-8") as f:
+            markdown = f.read() + "\n\n" + markdown
     create_markdown_artifact(
         key=f"{stage_name.replace('_', '-')}-report",
-        markdown=_report_markdown(artifact),
+        markdown=markdown,
         description=f"{stage_name}: stats, rejects by reason, samples of kept and dropped rows",
     )
     return artifact.ref()

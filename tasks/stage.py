@@ -97,9 +97,18 @@ def register_stage(stage: Stage) -> Stage:
 
 def stage_registry() -> dict[str, Stage]:
     """Every stage that exists, by name. Stages not built yet are absent, never stubbed."""
+    from tasks.clean import CleanStage
+    from tasks.dedup import DedupCandidatesStage, DedupClustersStage, DedupStage, MinHashStage
     from tasks.ingest.stage import IngestStage
+    from tasks.langid import LangIdStage
+    from tasks.pack import PackStage
+    from tasks.tokenize import SftIngestStage, SftTokenizeStage, TokenizerStage, TokenizeStage
+    from tasks.train.stage import TrainStage
 
-    return {**{s.name: s for s in (IngestStage(),)}, **_REGISTERED}
+    builtin = (IngestStage(), CleanStage(), MinHashStage(), DedupCandidatesStage(), DedupClustersStage(), DedupStage(),
+               LangIdStage(), SftIngestStage(), TokenizerStage(), TokenizeStage(), SftTokenizeStage(), PackStage(),
+               TrainStage())
+    return {**{s.name: s for s in builtin}, **_REGISTERED}
 
 
 def get_stage(name: str) -> Stage:

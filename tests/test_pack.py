@@ -19,7 +19,14 @@ from tasks.pack import MixtureComponent, PackConfig, PackStage
 from tasks.pack.binpack import pack_best_fit_decreasing, pack_concat
 from tasks.pack.mixture import MixturePart, sampling_rates
 from tasks.stage import StageInputError, run_in_store
-from tasks.tokenize import SftIngestConfig, SftIngestStage, TokenizeConfig, TokenizeStage, TokenizerConfig, TokenizerStage
+from tasks.tokenize import (
+    SftIngestConfig,
+    SftIngestStage,
+    TokenizeConfig,
+    TokenizerConfig,
+    TokenizerStage,
+    TokenizeStage,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCSTRINGS = os.path.join(REPO, "examples", "data", "stdlib_docstrings.jsonl")

@@ -245,3 +245,41 @@ def test_failure_notification_automation_from_the_shipped_template(prefect_serve
         assert "no such file or directory" in received[0]["body"]
     finally:
         httpd.shutdown()
+
+
+def test_retry_of_a_run_failed_in_a_middle_stage_reruns_only_that_stage_onward(prefect_server, served, tmp_path):
+    """ingest -> clean -> langid; clean fails (its store directory is blocked by a file), the block is
+    removed, and `prefect flow-run retry` re-executes clean and langid while ingest comes back Cached."""
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "d.jsonl", [{"id": f"r{i}", "text": " ".join(["This is a fine English sentence about rivers and hills."] * 4) + f" {i}"} for i in range(6)])
+    root = tmp_path / "store"
+    cfg = {"name": "retry", "store": {"root": str(root)}, "ingest": {"paths": [str(corpus)]},
+           "clean": {"c4": {"enabled": False}}, "langid": {"languages": ["en"]}}
+    root.mkdir()
+    (root / "clean").write_text("not a directory: the clean stage cannot write here")
+    d = deployment(prefect_server, "manual")
+    run = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": cfg}}).json()
+    run = wait_run(prefect_server, run["id"])
+    assert run["state_type"] == "FAILED"
+    first = prefect_server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
+    assert {r["name"] for r in first} >= {"ingest", "ingest[0]"} and "langid" not in {r["name"] for r in first}
+
+    (root / "clean").unlink()
+    r = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", run["id"]], env=prefect_server.env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        again = prefect_server.get(f"/flow_runs/{run['id']}").json()
+        if again["run_count"] >= 2 and again["state_type"] in ("COMPLETED", "FAILED", "CRASHED"):
+            break
+        time.sleep(0.5)
+    assert again["state_type"] == "COMPLETED", again["state"]
+    runs = prefect_server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
+    by_name: dict[str, list[str]] = {}
+    for t in runs:
+        by_name.setdefault(t["name"], []).append(t["state"]["name"])
+    assert "Cached" in by_name["ingest"]  # finished before the failure: not recomputed
+    assert by_name["ingest[0]"] == ["Completed"]  # its unit ran once, in the first attempt only
+    assert "Completed" in by_name["clean"] and "Completed" in by_name["langid"]
+    assert os.path.isdir(root / "langid")

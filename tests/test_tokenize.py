@@ -21,9 +21,9 @@ from tasks.tokenize import (
     SftIngestConfig,
     SftIngestStage,
     TokenizeConfig,
-    TokenizeStage,
     TokenizerConfig,
     TokenizerStage,
+    TokenizeStage,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,6 +126,8 @@ def test_loaded_tokenizer_content_is_its_fingerprint(base, tmp_path):
     store = ArtifactStore(str(tmp_path / "s"))
     loaded = run_in_store(TokenizerStage(), TokenizerConfig(path=str(copy)), [], store)
     assert loaded.manifest["tokenizer"]["source"] == "path" and len(load(loaded.path)) == 600
+    # the documents beside a loaded tokenizer do not change it
+    assert TokenizerStage().fingerprint(TokenizerConfig(path=str(copy)), [base["docs"].fingerprint]) == loaded.fingerprint
     tok_fp = TokenizeStage().fingerprint(TokenizeConfig(tokenizer=str(copy)), [base["docs"].fingerprint])
     cfg = json.loads((copy / "tokenizer_config.json").read_text())
     cfg["model_max_length"] = 4096  # same path, different content
@@ -193,8 +195,10 @@ def test_tokenize_needs_a_tokenizer_and_documents(base, tmp_path):
     store = ArtifactStore(str(tmp_path / "s"))
     with pytest.raises(StageInputError, match="^tokenizer: no tokenizer"):
         run_in_store(TokenizeStage(), TokenizeConfig(), [base["docs"]], store)
-    with pytest.raises(StageInputError, match=r"^inputs\[1\]: .* not a tokenizer"):
+    with pytest.raises(StageInputError, match="^tokenizer: no tokenizer"):
         run_in_store(TokenizeStage(), TokenizeConfig(), [base["docs"], base["docs"]], store)
+    with pytest.raises(StageInputError, match=r"^inputs\[0\]: .* is a tokenizer; a tokenizer artifact goes last"):
+        run_in_store(TokenizeStage(), TokenizeConfig(), [base["tok"], base["docs"], base["tok"]], store)
     with pytest.raises(StageInputError, match="^tokenizer: a tokenizer artifact is an input already"):
         run_in_store(TokenizeStage(), TokenizeConfig(tokenizer=base["tok"].path), [base["docs"], base["tok"]], store)
     with pytest.raises(ValidationError, match="format"):
@@ -203,6 +207,11 @@ def test_tokenize_needs_a_tokenizer_and_documents(base, tmp_path):
     by_dir = run_in_store(TokenizeStage(), TokenizeConfig(tokenizer=base["tok"].path), [base["docs"]], store)
     by_input = run_in_store(TokenizeStage(), TokenizeConfig(), [base["docs"], base["tok"]], store)
     assert by_dir.read_table().column("input_ids").equals(by_input.read_table().column("input_ids"))
+    # documents of several stages (the pipeline's source stages) are read together, a unit per shard
+    other = make_docs(store, [{"id": "extra", "text": "One more document."}])
+    both = run_in_store(TokenizeStage(), TokenizeConfig(), [base["docs"], other, base["tok"]], store)
+    assert both.num_rows == base["docs"].num_rows + 1 and both.manifest["units"] == 2
+    assert both.read_table().column("id").to_pylist()[-1] == "extra"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,3 +344,25 @@ def test_kiln_stage_cli_runs_tokenizer_and_tokenize(tmp_path, monkeypatch):
     r = runner.invoke(app, ["stage", "tokenize", "-i", DOCSTRINGS, "-o", str(tmp_path / "x"),
                             "--set", f"tokenizer={tmp_path / 'missing'}"], catch_exceptions=False)
     assert r.exit_code == 2 and "tokenize.tokenizer: no such tokenizer directory" in r.output
+
+
+def test_units_run_in_parallel_threads_give_the_same_artifact(base, tmp_path):
+    """As Prefect's thread pool runs them: units at once in one process, sharing the loaded tokenizer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.stage import finalizer, manifest_header, run_unit
+
+    small = ArtifactStore(str(tmp_path / "small"), shard_rows=10)  # several shards, so several units
+    docs = run_in_store(IngestStage(), IngestConfig(paths=[DOCSTRINGS]), [], small)
+    stage, cfg, inputs = TokenizeStage(), TokenizeConfig(batch_rows=4), [docs, base["tok"]]
+    sequential = run_in_store(stage, cfg, inputs, small)
+    units = stage.plan(inputs, cfg)
+    assert len(units) == len(docs.shards()) > 4
+    store = ArtifactStore(str(tmp_path / "threads"), shard_rows=10)
+    staging = store.staging(stage.name, sequential.fingerprint)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda iu: run_unit(stage, cfg, inputs, staging, iu[0], iu[1]), enumerate(units)))
+    header = manifest_header(stage, cfg, inputs, sequential.fingerprint)
+    parallel = staging.commit(header, len(units), finalizer(stage, cfg, inputs))
+    assert parallel.read_table().equals(sequential.read_table())
+    assert parallel.manifest["tokens"] == sequential.manifest["tokens"]

@@ -73,7 +73,8 @@ class Normaliser:
     def __init__(self, cfg: NormaliseConfig):
         self.cfg = cfg
 
-    def edit(self, text: str) -> str:
+    def edit(self, text: str, is_code: bool = False) -> str:
+        """Code keeps its whitespace: indentation and blank lines are syntax or layout there."""
         cfg = self.cfg
         if cfg.fix_mojibake:
             import ftfy
@@ -84,7 +85,7 @@ class Normaliser:
         if cfg.control_chars:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
             text = _CONTROL.sub("", text)
-        if cfg.whitespace:
+        if cfg.whitespace and not is_code:
             text = _SPACES.sub(" ", text)
             text = "\n".join(line.strip() for line in text.split("\n"))
             text = _BLANKS.sub("\n\n", text).strip()

@@ -86,7 +86,7 @@ class DocumentCleaner:
 
     def clean(self, text: str, is_code: bool, counts: dict[str, int]) -> tuple[str, tuple[str, str] | None]:
         if self.normaliser is not None:
-            new = self.normaliser.edit(text)
+            new = self.normaliser.edit(text, is_code)
             if new != text:
                 counts["normalised_docs"] = counts.get("normalised_docs", 0) + 1
             text = new

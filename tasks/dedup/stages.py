@@ -7,7 +7,9 @@
                       pairs (each member linked to the bucket's first document).
     dedup_clusters    (one unit) candidate pairs verified by the true Jaccard of their shingle sets
                       (recomputed from the documents; only candidates are read), union-find over the
-                      verified pairs, one document kept per cluster; writes the removal list.
+                      verified pairs into connected components; inside a component, documents in
+                      survivor order are removed only if they match a kept one at the threshold;
+                      writes the removal list and the clusters.
     dedup             (filter, one unit per document shard) drops the listed documents as rejects
                       with reason exact_duplicate / near_duplicate, naming the kept document.
 
@@ -377,20 +379,42 @@ class DedupClustersStage(Stage):
         cluster_rows: dict[str, list] = {n: [] for n in CLUSTER_SCHEMA.names}
         reasons: Counter[str] = Counter()
         for members in clusters.values():
-            members.sort()
+            # Survivor order: corpus order, or longest first. A member is removed only as the copy of
+            # a survivor it matches at the threshold itself: a chain a~b~c with a !~ c keeps c, so no
+            # removal is ever justified by similarity to a document that is gone.
             if cfg.keep == "longest":
-                kept = min(members, key=lambda k: (-info[k]["len"], k))
+                members.sort(key=lambda k: (-info[k]["len"], k))
             else:
-                kept = members[0]
-            ik = info[kept]
-            cluster_rows["kept_doc"].append(kept)
-            cluster_rows["kept_id"].append(ik["id"])
-            cluster_rows["size"].append(len(members))
-            cluster_rows["members"].append([info[m]["id"] for m in members])
+                members.sort()
+            survivors: list[int] = []
+            copies: list[tuple[int, int, float]] = []
             for m in members:
-                if m == kept:
-                    continue
                 im = info[m]
+                match, best = None, -1.0
+                for k in survivors:
+                    ik = info[k]
+                    if im["exact"] == ik["exact"]:
+                        match, best = k, 1.0
+                        break
+                    if cfg.near:
+                        j = jaccard_sorted_unique(im["shingles"], ik["shingles"])
+                        if j >= cfg.threshold and j > best:
+                            match, best = k, j
+                if match is None:
+                    survivors.append(m)
+                else:
+                    copies.append((m, match, best))
+            size = len(members)
+            for kept in survivors:
+                mine = [m for m, k, _ in copies if k == kept]
+                if not mine:
+                    continue
+                cluster_rows["kept_doc"].append(kept)
+                cluster_rows["kept_id"].append(info[kept]["id"])
+                cluster_rows["size"].append(len(mine) + 1)
+                cluster_rows["members"].append([info[kept]["id"]] + [info[m]["id"] for m in mine])
+            for m, kept, j in copies:
+                im, ik = info[m], info[kept]
                 reason = "exact_duplicate" if im["exact"] == ik["exact"] else "near_duplicate"
                 reasons[reason] += 1
                 removal_rows["doc"].append(m)
@@ -398,14 +422,15 @@ class DedupClustersStage(Stage):
                 removal_rows["reason"].append(reason)
                 removal_rows["kept_doc"].append(kept)
                 removal_rows["kept_id"].append(ik["id"])
-                removal_rows["jaccard"].append(jaccard_sorted_unique(im["shingles"], ik["shingles"]))
-                removal_rows["cluster_size"].append(len(members))
+                removal_rows["jaccard"].append(j)
+                removal_rows["cluster_size"].append(size)
         order = np.argsort(np.array(removal_rows["doc"], np.int64), kind="stable")
         removal = pa.RecordBatch.from_pydict(removal_rows, schema=REMOVAL_SCHEMA).take(pa.array(order))
         out.write(removal)
         out.table("clusters").write(pa.RecordBatch.from_pydict(cluster_rows, schema=CLUSTER_SCHEMA))
         stats.extra.update(
-            clusters=len(clusters),
+            components=len(clusters),
+            clusters=len(cluster_rows["kept_doc"]),
             docs_removed=removal.num_rows,
             largest_cluster=max((len(m) for m in clusters.values()), default=0),
             **{f"removed_{k}": v for k, v in sorted(reasons.items())},

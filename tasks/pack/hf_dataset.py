@@ -22,7 +22,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+    from datasets.utils import (
+        disable_progress_bars,
+        enable_progress_bars,
+        is_progress_bar_enabled,
+    )
 
     was_enabled = is_progress_bar_enabled()
     disable_progress_bars()
@@ -40,6 +44,8 @@ def save_dataset_dict(
     import datasets
 
     local = isinstance(fs, LocalFileSystem)
+    if fs.exists(target):  # left by an earlier attempt at the commit
+        fs.rm(target, recursive=True)
     # Scratch next to the target on local disks (same filesystem, and /tmp may be small).
     scratch_root = os.path.dirname(target.rstrip("/")) if local else None
     with tempfile.TemporaryDirectory(prefix=".hf-", dir=scratch_root) as tmp, _quiet_datasets():

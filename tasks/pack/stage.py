@@ -16,6 +16,7 @@ the tokenizer under `tokenizer/`, so one directory is all a trainer needs.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -33,7 +34,7 @@ from tasks.stage import Stage, StageConfig, StageInputError
 
 SPLITS = ("train", "validation")
 _TABLE_OF_SPLIT = {"train": "data", "validation": "validation"}
-_ROWS_PER_BATCH = 2048
+_ROWS_PER_BATCH = 256  # rows assembled and written at a time (x seq_len tokens)
 
 
 class MixtureComponent(BaseModel):
@@ -227,7 +228,9 @@ class PackStage(Stage):
                 )
         fingerprints = {_tokenizer_of(a).get("fingerprint") for a in inputs if a.num_rows}
         if len(fingerprints) > 1:
-            raise StageInputError("inputs", f"the inputs were tokenized with different tokenizers ({sorted(map(str, fingerprints))})")
+            raise StageInputError(
+                "inputs", f"the inputs were tokenized with different tokenizers ({sorted(map(str, fingerprints))})"
+            )
         if cfg.mixture is not None and len(cfg.mixture) != len(inputs):
             raise StageInputError("mixture", f"{len(cfg.mixture)} components for {len(inputs)} inputs; give one per input")
         self._pad_id(inputs, cfg)
@@ -270,7 +273,8 @@ class PackStage(Stage):
             elif length == 0:
                 reason, detail = "no_tokens", "the document has no tokens"
             elif docs.doc_whole[d] and length > cfg.seq_len:
-                reason, detail = "longer_than_seq_len", f"{length} tokens; an instruction example is never split (seq_len {cfg.seq_len})"
+                reason = "longer_than_seq_len"
+                detail = f"{length} tokens; an instruction example is never split (seq_len {cfg.seq_len})"
             else:
                 taken = copies(plan[dataset]["rate"], cfg.mixture_seed, dataset, doc_id) if plan else 1
                 if not taken:
@@ -291,24 +295,29 @@ class PackStage(Stage):
 
         pad_id = self._pad_id(inputs, cfg)
         pack = pack_best_fit_decreasing if cfg.mode == "bfd" else pack_concat
-        for split in SPLITS:
-            item_doc = np.asarray(items[split], dtype=np.int64)
-            if not len(item_doc):
-                continue
-            rows = pack(docs.doc_lengths[item_doc].tolist(), docs.doc_whole[item_doc].tolist(), cfg.seq_len)
-            for start in range(0, len(rows), _ROWS_PER_BATCH):
-                batch = assemble_rows(
-                    rows[start : start + _ROWS_PER_BATCH], item_doc, docs.doc_starts, docs.tokens_flat,
-                    docs.labels_flat, docs.doc_ids, cfg.seq_len, pad_id, cfg.mask_piece_start,
-                )
-                if split == "train":
-                    out.write(batch)
-                else:
-                    out.table(_TABLE_OF_SPLIT[split]).write(batch)
-            real = int(docs.doc_lengths[item_doc].sum())
-            stats.extra[f"{split}.sequences"] = stats.extra.get(f"{split}.sequences", 0) + len(rows)
-            stats.extra[f"{split}.tokens"] = stats.extra.get(f"{split}.tokens", 0) + real
-            stats.extra[f"{split}.pad_tokens"] = stats.extra.get(f"{split}.pad_tokens", 0) + len(rows) * cfg.seq_len - real
+        # Parquet encoding (Arrow C++, GIL released) of one batch of rows overlaps assembling the next.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-pack-write") as writer:
+            written: Future | None = None
+            for split in SPLITS:
+                item_doc = np.asarray(items[split], dtype=np.int64)
+                if not len(item_doc):
+                    continue
+                rows = pack(docs.doc_lengths[item_doc].tolist(), docs.doc_whole[item_doc].tolist(), cfg.seq_len)
+                write = out.write if split == "train" else out.table(_TABLE_OF_SPLIT[split]).write
+                for start in range(0, len(rows), _ROWS_PER_BATCH):
+                    batch = assemble_rows(
+                        rows[start : start + _ROWS_PER_BATCH], item_doc, docs.doc_starts, docs.tokens_flat,
+                        docs.labels_flat, docs.doc_ids, cfg.seq_len, pad_id, cfg.mask_piece_start,
+                    )
+                    if written is not None:
+                        written.result()
+                    written = writer.submit(write, batch)
+                real = int(docs.doc_lengths[item_doc].sum())
+                stats.extra[f"{split}.sequences"] = stats.extra.get(f"{split}.sequences", 0) + len(rows)
+                stats.extra[f"{split}.tokens"] = stats.extra.get(f"{split}.tokens", 0) + real
+                stats.extra[f"{split}.pad_tokens"] = stats.extra.get(f"{split}.pad_tokens", 0) + len(rows) * cfg.seq_len - real
+            if written is not None:
+                written.result()
         return stats
 
     # ----------------------------------------------------------------------------------------------
@@ -354,7 +363,11 @@ class PackStage(Stage):
 def _copy_tokenizer(path: str | None, fs: Any, target: str) -> bool:
     """Put the tokenizer beside the dataset, so a trainer needs one directory. Best effort: a tokenizer
     directory that has since moved is recorded in the manifest but not copied."""
-    from tasks.tokenize.hf import copy_tokenizer_files, local_directory, tokenizer_identity
+    from tasks.tokenize.hf import (
+        copy_tokenizer_files,
+        local_directory,
+        tokenizer_identity,
+    )
 
     if not path:
         return False

@@ -1,13 +1,15 @@
-"""Tokenizers and tokenization: the `tokenizer`, `sft_ingest` and `tokenize` stages."""
+"""Tokenizers and tokenization: the `tokenizer`, `sft_ingest`, `tokenize` and `sft_tokenize` stages."""
 
 from tasks.tokenize.sft_ingest import SftIngestConfig, SftIngestStage
-from tasks.tokenize.stage import IGNORE_INDEX, TokenizeConfig, TokenizeStage
+from tasks.tokenize.stage import IGNORE_INDEX, SftTokenizeConfig, SftTokenizeStage, TokenizeConfig, TokenizeStage
 from tasks.tokenize.tokenizer_stage import TokenizerConfig, TokenizerStage
 
 __all__ = [
     "IGNORE_INDEX",
     "SftIngestConfig",
     "SftIngestStage",
+    "SftTokenizeConfig",
+    "SftTokenizeStage",
     "TokenizeConfig",
     "TokenizeStage",
     "TokenizerConfig",

@@ -30,7 +30,12 @@ from tasks.ingest.stage import (
     _read_records,
     _read_text,
 )
-from tasks.tokenize.sft import SftFields, SftRecordError, normalize_sft_record, plain_text
+from tasks.tokenize.sft import (
+    SftFields,
+    SftRecordError,
+    normalize_sft_record,
+    plain_text,
+)
 
 
 class SftIngestConfig(IngestConfig):

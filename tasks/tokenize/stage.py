@@ -1,6 +1,7 @@
-"""The tokenize stage: documents -> token ids, one unit per documents shard.
+"""The tokenize stage: documents -> token ids.
 
-Inputs: [documents] with `tokenizer: DIR` in the config, or [documents, tokenizer artifact]. Text is
+Inputs: documents artifacts (one or several, read together) and then, unless the config names a
+tokenizer directory (`tokenizer: DIR`), the tokenizer artifact. One unit per documents shard. Text is
 tokenized in batches straight from the Parquet record batches with the Rust tokenizer's batch call
 (which spreads a batch over all cores), EOS appended to every document and BOS optionally prepended.
 Instruction data (`format: sft`) is rendered with the tokenizer's chat template or the Alpaca prompt,
@@ -12,9 +13,11 @@ give nothing to train on are rejected with a reason.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -25,9 +28,20 @@ from pydantic import Field
 from tasks.artifacts import Artifact, ArtifactWriter, StageStats
 from tasks.documents import MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, DocumentBatcher
 from tasks.stage import Stage, StageConfig, StageInputError
-from tasks.tokenize.hf import load_tokenizer, local_directory, tokenizer_identity, tokenizer_info
-from tasks.tokenize.sft import SftRecordError, normalize_sft_record, render_alpaca, render_chat_template
+from tasks.tokenize.hf import (
+    load_tokenizer,
+    local_directory,
+    tokenizer_identity,
+    tokenizer_info,
+)
+from tasks.tokenize.sft import (
+    SftRecordError,
+    normalize_sft_record,
+    render_alpaca,
+    render_chat_template,
+)
 
+_ENCODE_AHEAD = 2  # batches being encoded at once per unit
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and Hugging Face models) skip
 
 TOKENS_SCHEMA = pa.schema(
@@ -74,22 +88,33 @@ class TokenizeConfig(StageConfig):
 # the tokenizer a unit uses
 
 
+def is_tokenizer_artifact(art: Artifact) -> bool:
+    return art.stage == "tokenizer"
+
+
+def split_inputs(inputs: list[Artifact], cfg: TokenizeConfig) -> tuple[list[Artifact], Artifact | None]:
+    """(documents artifacts, tokenizer artifact or None). Documents may come from several stages (the
+    pipeline's source stages, read together); a tokenizer artifact, when given, is the last input."""
+    tokenizer = inputs[-1] if inputs and is_tokenizer_artifact(inputs[-1]) else None
+    docs = inputs[:-1] if tokenizer is not None else list(inputs)
+    if not docs:
+        raise StageInputError("inputs", "tokenize needs a documents artifact as its first input")
+    for i, art in enumerate(docs):
+        if is_tokenizer_artifact(art):
+            raise StageInputError(f"inputs[{i}]", f"{art.path} is a tokenizer; a tokenizer artifact goes last")
+    if tokenizer is not None and cfg.tokenizer is not None:
+        raise StageInputError("tokenizer", "a tokenizer artifact is an input already; set `tokenizer` only without one")
+    return docs, tokenizer
+
+
 def tokenizer_directory(inputs: list[Artifact], cfg: TokenizeConfig) -> tuple[str, str]:
     """(local directory, config field to name in errors) of the tokenizer to use."""
-    if len(inputs) > 2:
-        raise StageInputError("inputs", f"expected [documents] or [documents, tokenizer], got {len(inputs)} inputs")
-    if len(inputs) == 2:
-        if cfg.tokenizer is not None:
-            raise StageInputError(
-                "tokenizer", "a tokenizer artifact is an input already; set `tokenizer` only without one"
-            )
-        art = inputs[1]
-        if art.stage != "tokenizer" and "tokenizer" not in art.manifest:
-            raise StageInputError("inputs[1]", f"{art.path} is a {art.stage!r} artifact, not a tokenizer")
-        return local_directory(art.path), "inputs[1]"
+    docs, tokenizer = split_inputs(inputs, cfg)
+    if tokenizer is not None:
+        return local_directory(tokenizer.path), f"inputs[{len(docs)}]"
     if cfg.tokenizer is None:
         raise StageInputError(
-            "tokenizer", "no tokenizer: give a tokenizer artifact as the second input, or a directory in `tokenizer`"
+            "tokenizer", "no tokenizer: give a tokenizer artifact as the last input, or a directory in `tokenizer`"
         )
     return cfg.tokenizer, "tokenizer"
 
@@ -136,6 +161,14 @@ def _with_specials(flat: np.ndarray, lengths: np.ndarray, bos: int | None, eos: 
     return out, offsets
 
 
+def _encode_flat(backend: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All documents' token ids in one int32 array, and each document's length."""
+    token_lists = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+    flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
 def _list_array(flat: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32()))
 
@@ -172,19 +205,18 @@ class TokenizeStage(Stage):
         return {"tokenizer": tokenizer_identity(cfg.tokenizer, "tokenizer")} if cfg.tokenizer is not None else None
 
     def plan(self, inputs: list[Artifact], cfg: TokenizeConfig) -> list[dict[str, Any]]:
-        if not inputs:
-            raise StageInputError("inputs", "tokenize needs a documents artifact as its first input")
-        docs = inputs[0]
+        docs, _ = split_inputs(inputs, cfg)
         needed = {"id", "meta"} if cfg.format == "sft" else {"id", "text"}
-        schema = set(docs.manifest.get("schema") or [])
-        if docs.num_rows and not needed <= schema:
-            raise StageInputError(
-                "inputs[0]", f"{docs.stage} artifact {docs.path} lacks column(s) {sorted(needed - schema)}"
-            )
+        for i, art in enumerate(docs):
+            schema = set(art.manifest.get("schema") or [])
+            if art.num_rows and not needed <= schema:
+                raise StageInputError(
+                    f"inputs[{i}]", f"{art.stage} artifact {art.path} lacks column(s) {sorted(needed - schema)}"
+                )
         path, field = tokenizer_directory(inputs, cfg)
         tok = load_tokenizer(path, field)
         self._check_tokenizer(tok, cfg)
-        return [{"shard": i} for i in range(len(docs.shards()))]
+        return [{"input": i, "shard": j} for i, art in enumerate(docs) for j in range(len(art.shards()))]
 
     @staticmethod
     def _check_tokenizer(tok: Any, cfg: TokenizeConfig) -> None:
@@ -202,30 +234,50 @@ class TokenizeStage(Stage):
         path, field = tokenizer_directory(inputs, cfg)
         tok = load_tokenizer(path, field)
         self._check_tokenizer(tok, cfg)
-        docs = inputs[0]
+        docs = inputs[unit["input"]]
         stats = StageStats()
         rejects = _Rejects(out, stats)
         shard = docs.shards()[unit["shard"]]
-        columns = ["id", "meta"] if cfg.format == "sft" else ["id", "text", "source"]
+        columns = ["id", "meta"] if cfg.format == "sft" else ["id", "text"]
+        if cfg.format == "text" and "source" in (docs.manifest.get("schema") or []):
+            columns.append("source")  # kept on rejects when the documents have it
         with docs.fs.open(shard, "rb") as f:
             stats.bytes_in += docs.fs.size(shard)
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows, columns=columns):
-                if cfg.format == "sft":
-                    rows = self._sft_batch(batch, tok, cfg, rejects, stats)
-                else:
-                    rows = self._text_batch(batch, tok, cfg, rejects, stats)
-                out.write(rows)
+            batches = pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows, columns=columns)
+            if cfg.format == "sft":
+                for batch in batches:
+                    out.write(self._sft_batch(batch, tok, cfg, rejects, stats))
+            else:
+                self._text_batches(batches, tok, cfg, rejects, stats, out)
         rejects.flush()
         return stats
 
     # ----------------------------------------------------------------------------------------------
 
-    def _text_batch(
-        self, batch: pa.RecordBatch, tok: Any, cfg: TokenizeConfig, rejects: _Rejects, stats: StageStats
-    ) -> pa.RecordBatch | None:
+    def _text_batches(
+        self, batches: Any, tok: Any, cfg: TokenizeConfig, rejects: _Rejects, stats: StageStats, out: ArtifactWriter
+    ) -> None:
+        """Two batches are encoded at a time while the one before is written: the Rust tokenizer releases
+        the GIL, so Arrow conversion and Parquet writing hide behind it, and one batch's long document
+        no longer leaves a core idle at the batch's end."""
+        backend = _backend(tok, cfg.split_special_tokens)
+        in_flight: collections.deque = collections.deque()
+        with ThreadPoolExecutor(max_workers=_ENCODE_AHEAD, thread_name_prefix="kiln-tokenize") as pool:
+            for batch in batches:
+                ids, texts = self._valid_texts(batch, rejects, stats)
+                if texts:
+                    in_flight.append((ids, texts, pool.submit(_encode_flat, backend, texts)))
+                if len(in_flight) >= _ENCODE_AHEAD:
+                    out.write(self._text_rows(*in_flight.popleft(), tok, cfg, rejects, stats))
+            while in_flight:
+                out.write(self._text_rows(*in_flight.popleft(), tok, cfg, rejects, stats))
+
+    @staticmethod
+    def _valid_texts(batch: pa.RecordBatch, rejects: _Rejects, stats: StageStats) -> tuple[list[str], list[str]]:
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
-        sources = batch.column("source").to_pylist()
+        names = batch.schema.names
+        sources = batch.column("source").to_pylist() if "source" in names else [None] * len(ids)
         stats.rows_in += len(ids)
         keep_ids, keep_texts = [], []
         for doc_id, text, source in zip(ids, texts, sources):
@@ -238,31 +290,31 @@ class TokenizeStage(Stage):
             else:
                 keep_ids.append(doc_id)
                 keep_texts.append(text)
-        if not keep_texts:
-            return None
-        encodings = _backend(tok, cfg.split_special_tokens).encode_batch_fast(keep_texts, add_special_tokens=False)
-        token_lists = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+        return keep_ids, keep_texts
+
+    def _text_rows(
+        self, ids: list[str], texts: list[str], encoded: Future, tok: Any, cfg: TokenizeConfig,
+        rejects: _Rejects, stats: StageStats,
+    ) -> pa.RecordBatch | None:
+        flat, lengths = encoded.result()
         if not lengths.all():  # text that the tokenizer's normalizer erases entirely
             for i in np.flatnonzero(lengths == 0):
-                rejects.add("no_tokens", "the tokenizer produced no tokens", keep_ids[i], keep_texts[i])
+                rejects.add("no_tokens", "the tokenizer produced no tokens", ids[i], texts[i])
             nonzero = np.flatnonzero(lengths)
-            keep_ids = [keep_ids[i] for i in nonzero]
-            token_lists = [token_lists[i] for i in nonzero]
-            keep_texts = [keep_texts[i] for i in nonzero]
+            ids = [ids[i] for i in nonzero]
+            texts = [texts[i] for i in nonzero]
             lengths = lengths[nonzero]
             if not len(lengths):
                 return None
-        flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(lengths.sum()))
         tokens, offsets = _with_specials(
             flat, lengths, tok.bos_token_id if cfg.add_bos else None, tok.eos_token_id if cfg.add_eos else None
         )
         n_tokens = np.diff(offsets).astype(np.int32)
-        stats.rows_out += len(keep_ids)
+        stats.rows_out += len(ids)
         stats.extra["tokens"] = stats.extra.get("tokens", 0) + int(len(tokens))
-        stats.extra["chars"] = stats.extra.get("chars", 0) + sum(map(len, keep_texts))
+        stats.extra["chars"] = stats.extra.get("chars", 0) + sum(map(len, texts))
         return pa.RecordBatch.from_arrays(
-            [pa.array(keep_ids, pa.string()), _list_array(tokens, offsets), pa.array(n_tokens)], schema=TOKENS_SCHEMA
+            [pa.array(ids, pa.string()), _list_array(tokens, offsets), pa.array(n_tokens)], schema=TOKENS_SCHEMA
         )
 
     def _sft_batch(
@@ -344,8 +396,9 @@ class TokenizeStage(Stage):
         path, field = tokenizer_directory(inputs, cfg)
         tok = load_tokenizer(path, field)
         tokenizer = tokenizer_info(tok)
-        if len(inputs) == 2:
-            tokenizer.update(path=inputs[1].path, fingerprint=inputs[1].fingerprint)
+        _, artifact = split_inputs(inputs, cfg)
+        if artifact is not None:
+            tokenizer.update(path=artifact.path, fingerprint=artifact.fingerprint)
         else:
             identity = tokenizer_identity(cfg.tokenizer, "tokenizer")
             tokenizer.update(path=identity["path"], fingerprint=identity["sha256"][:20])
@@ -383,3 +436,15 @@ def token_length_summary(fs: Any, directory: str) -> dict[str, Any]:
         "mean": round(tokens / docs, 2) if docs else 0.0,
         "length_histogram": histogram,
     }
+
+
+class SftTokenizeConfig(TokenizeConfig):
+    format: Literal["text", "sft"] = Field("sft", description="Instruction examples (see TokenizeConfig).")
+
+
+class SftTokenizeStage(TokenizeStage):
+    """The tokenize stage under its own name, for a pipeline that tokenizes pretraining text and
+    instruction data side by side (two artifacts, mixed by pack)."""
+
+    name = "sft_tokenize"
+    Config = SftTokenizeConfig

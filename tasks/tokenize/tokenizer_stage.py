@@ -117,7 +117,8 @@ def _train_byte_level_bpe(texts: Iterator[str], cfg: TokenizerConfig) -> Any:
 
 
 class TokenizerStage(Stage):
-    """One unit: train or load, save the tokenizer files into the artifact, list the vocabulary."""
+    """One unit: train or load, save the tokenizer files into the artifact, list the vocabulary.
+    Inputs: the documents to train on (several artifacts are read one after the other); none when loading."""
 
     name = "tokenizer"
     version = 1
@@ -131,25 +132,28 @@ class TokenizerStage(Stage):
             return {"hub_name": cfg.hub_name, "revision": cfg.revision}
         return None
 
+    def fingerprint(self, cfg: TokenizerConfig, input_fingerprints: list[str]) -> str:
+        # A loaded tokenizer is its files: the documents beside it in the pipeline do not change it,
+        # so a new corpus does not invalidate it (nor, through it, every tokenization downstream).
+        return super().fingerprint(cfg, input_fingerprints if cfg.trains else [])
+
     def plan(self, inputs: list[Artifact], cfg: TokenizerConfig) -> list[dict[str, Any]]:
         if cfg.trains:
             if not inputs:
                 raise StageInputError("inputs", "training a tokenizer needs a documents artifact as input")
-            schema = inputs[0].manifest.get("schema") or []
-            if inputs[0].num_rows and "text" not in schema:
-                raise StageInputError(
-                    "inputs[0]", f"{inputs[0].stage} artifact {inputs[0].path} has no 'text' column to train on"
-                )
+            for i, art in enumerate(inputs):
+                if art.num_rows and "text" not in (art.manifest.get("schema") or []):
+                    raise StageInputError(f"inputs[{i}]", f"{art.stage} artifact {art.path} has no 'text' column to train on")
         return [{"tokenizer": "train" if cfg.trains else ("path" if cfg.path else "hub")}]
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TokenizerConfig, out: ArtifactWriter) -> StageStats:
         stats = StageStats()
         if cfg.trains:
-            docs = _TrainingText(inputs[0], cfg, out, stats)
+            docs = _TrainingText(inputs, cfg, out, stats)
             tok = _train_byte_level_bpe(iter(docs), cfg)
             docs.flush()
             if not docs.chars:
-                raise StageInputError("inputs[0]", f"{inputs[0].path} holds no text to train a tokenizer on")
+                raise StageInputError("inputs", "the documents hold no text to train a tokenizer on")
             stats.extra.update(train_docs=stats.rows_out, train_chars=docs.chars)
         elif cfg.path is not None:
             tok = load_tokenizer(cfg.path, "path")
@@ -192,7 +196,7 @@ class TokenizerStage(Stage):
 class _TrainingText:
     """The documents' text, streamed into the BPE trainer; empty or missing text is counted, not trained on."""
 
-    def __init__(self, docs: Artifact, cfg: TokenizerConfig, out: ArtifactWriter, stats: StageStats):
+    def __init__(self, docs: list[Artifact], cfg: TokenizerConfig, out: ArtifactWriter, stats: StageStats):
         self.docs = docs
         self.cfg = cfg
         self.out = out
@@ -201,9 +205,7 @@ class _TrainingText:
         self.rejects = DocumentBatcher(REJECT_SCHEMA, 1024)
 
     def __iter__(self) -> Iterator[str]:
-        if not self.docs.num_rows:
-            return
-        for batch in self.docs.iter_batches(columns=["id", "text"], batch_size=self.cfg.batch_rows):
+        for batch in self._batches():
             ids = batch.column("id").to_pylist()
             for doc_id, text in zip(ids, batch.column("text").to_pylist()):
                 self.stats.rows_in += 1
@@ -220,6 +222,11 @@ class _TrainingText:
                 if self.cfg.max_train_chars is not None and self.chars >= self.cfg.max_train_chars:
                     self.stats.extra["train_chars_limit_reached"] = True
                     return
+
+    def _batches(self) -> Iterator[Any]:
+        for art in self.docs:  # documents from several source stages are read one after the other
+            if art.num_rows:
+                yield from art.iter_batches(columns=["id", "text"], batch_size=self.cfg.batch_rows)
 
     def flush(self) -> None:
         self.out.reject(self.rejects.flush())

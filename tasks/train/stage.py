@@ -55,6 +55,9 @@ class TrainStage(Stage):
         launch.check_hardware(cfg)
         data_dir = dataset_dir(inputs[0])
         tokenizer_dir = inputs[1].path if len(inputs) > 1 else None
+        packed_tokenizer = os.path.join(inputs[0].path, "tokenizer")  # the pack stage keeps a copy
+        if tokenizer_dir is None and os.path.isdir(packed_tokenizer):
+            tokenizer_dir = packed_tokenizer
         out_dir = out.directory
         ds_config = launch.deepspeed_config(cfg, launch.world_size(cfg))
         with open(os.path.join(out_dir, "deepspeed_config.json"), "w") as f:
