@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]" "$(TORCH)"
 	touch $(STAMP)
 
+# The demo crawls Python's standard-library docs (pydoc HTML, built once into .kiln/docs_site), served
+# on 127.0.0.1:8765 only while the pipeline runs.
 demo: $(STAMP)
-	$(BIN)/kiln run configs/demo.yaml
+	$(BIN)/python examples/docs_site.py run --port 8765 -- $(BIN)/kiln run configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -24,6 +24,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import warnings
@@ -37,30 +38,43 @@ STAMP = "_build.json"
 SKIP = {
     "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "pydoc_data",
     "ensurepip", "venv", "msilib", "winreg", "winsound", "msvcrt", "nt", "_winapi", "__hello__", "__phello__",
+    "__main__", "_testcapi", "_testinternalcapi", "_testbuffer", "_testimportmultiple", "_testmultiphase",
+    "_xxsubinterpreters", "_xxtestfuzz", "_ctypes_test", "_testclinic", "_testsinglephase",
     "sre_compile", "sre_constants", "sre_parse", "xxsubtype", "xxlimited", "xxlimited_35",
 }
-MAX_SUBMODULES_PER_PACKAGE = 40
+MAX_SUBMODULES_PER_PACKAGE = 60
 
 
 def stdlib_modules() -> list[str]:
-    """Public standard-library modules importable here, with the submodules of packages."""
+    """Standard-library modules importable here, with the submodules of packages. Private ones
+    (`_socket`, `concurrent.futures._base`) are in: pydoc's pages link to them."""
     names: set[str] = set()
     for top in sorted(sys.stdlib_module_names):
-        if top.startswith("_") or top in SKIP:
+        if top in SKIP:
             continue
         mod = _import(top)
-        if mod is None:
+        if mod is None or not _in_stdlib(mod):
             continue
         names.add(top)
         if hasattr(mod, "__path__"):
             subs = []
             for info in pkgutil.walk_packages(mod.__path__, prefix=top + ".", onerror=lambda _name: None):
-                leaf = info.name.rsplit(".", 1)[1]
-                if leaf.startswith("_") or ".test" in info.name or "tests" in info.name.split("."):
+                parts = info.name.split(".")
+                if "test" in parts or "tests" in parts or parts[-1] == "__main__" or "windows" in parts[-1]:
                     continue
                 subs.append(info.name)
             names.update(sorted(subs)[:MAX_SUBMODULES_PER_PACKAGE])
     return sorted(names)
+
+
+def _in_stdlib(mod) -> bool:
+    """False for what a virtual environment slips in under a standard name (setuptools' distutils)."""
+    path = getattr(mod, "__file__", None)
+    if path is None:  # built into the interpreter
+        return True
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
+    return any(os.path.realpath(path).startswith(os.path.realpath(r) + os.sep) for r in roots) and \
+        "site-packages" not in path
 
 
 def _import(name: str):
@@ -83,6 +97,9 @@ def build(directory: str = DEFAULT_DIR, force: bool = False) -> int:
         if stamp.get("python") == sys.version:
             return stamp["pages"]
     os.makedirs(directory, exist_ok=True)
+    for old in os.listdir(directory):  # a rebuild must not keep pages of modules no longer documented
+        if old.endswith(".html"):
+            os.remove(os.path.join(directory, old))
     t0 = time.perf_counter()
     written: list[str] = []
     for name in stdlib_modules():

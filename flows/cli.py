@@ -266,7 +266,7 @@ def _du(store, path: str) -> int:
 @app.command("stage")
 def stage_cmd(
     name: str = typer.Argument(..., help="Stage name (see `kiln stage --help`)."),
-    inputs: list[str] = typer.Option(..., "--input", "-i", help="Input JSONL / Parquet / text files, dirs or globs (repeatable)."),
+    inputs: list[str] = typer.Option([], "--input", "-i", help="Input JSONL / Parquet / text files, dirs or globs, or committed artifacts (repeatable; a crawl needs none)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory to write Parquet shards, _manifest.json and rejects/ into."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML with the stage's settings (the stage section, or a pipeline config)."),
     sets: list[str] = typer.Option([], "--set", help="Override a setting: key=value (dotted keys, YAML values)."),

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.clean import CleanConfig
+from tasks.crawl import CrawlConfig
 from tasks.dedup import DedupConfig
 from tasks.ingest import IngestConfig
 from tasks.langid import LangIdConfig
@@ -25,6 +26,7 @@ from tasks.train.config import TrainConfig
 #              of every enabled source stage (their shards are read together);
 #   a name  -- that stage's output (the stage must be enabled).
 PIPELINE: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("crawl", ()),
     ("ingest", ()),
     ("clean", ("docs",)),
     # dedup is map -> shuffle -> reduce -> filter, each phase its own artifact, all set by the `dedup` section
@@ -40,7 +42,7 @@ PIPELINE: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pack", ("tokenize?", "sft_tokenize?")),
     ("train", ("pack", "tokenizer?")),
 )
-SOURCE_STAGES = frozenset({"ingest"})  # documents from outside the store
+SOURCE_STAGES = frozenset({"crawl", "ingest"})  # documents from outside the store
 DOCUMENT_STAGES = frozenset({"clean", "dedup", "langid"})  # documents in, documents out (filters)
 # Stages configured by another stage's section.
 CONFIG_SECTION = {"minhash": "dedup", "dedup_candidates": "dedup", "dedup_clusters": "dedup"}
@@ -84,6 +86,9 @@ class PipelineConfig(BaseModel):
     name: str = Field("kiln", description="A name for this pipeline, shown in logs and reports.")
     store: StoreConfig = Field(default_factory=StoreConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    crawl: CrawlConfig | None = Field(
+        None, description="Crawl web sites, read WARC files (Common Crawl) and source code trees into documents."
+    )
     ingest: IngestConfig | None = Field(None, description="Read local files / datasets into documents.")
     clean: CleanConfig | None = Field(None, description="Quality, repetition and length filters; normalisation.")
     dedup: DedupConfig | None = Field(None, description="Exact and MinHash near-duplicate removal.")

@@ -53,7 +53,7 @@ def stage_unit(
     inputs = [Artifact.open(p) for p in input_paths]
     staging = _store(store_cfg).staging(stage_name, fp)
     with _forward_stage_logs():
-        result = run_unit(stage, config, inputs, staging, index, unit)
+        result = run_unit(stage, config, inputs, staging, index, unit, on_progress=_unit_progress(stage_name, index))
     s = result["stats"]
     get_run_logger().info(
         "%s unit %d/%d: %d rows in, %d kept, %d rejected %s",
@@ -61,6 +61,26 @@ def stage_unit(
     )
     tables = result["tables"]
     return {"unit": index, "rows": tables["data"]["rows"], "rejects_rows": tables["rejects"]["rows"]}
+
+
+def _unit_progress(stage_name: str, index: int):
+    """A progress artifact for a long unit (e.g. training), created on its first report."""
+    state: dict[str, Any] = {"id": None, "last": -1.0}
+
+    def report(fraction: float, note: str) -> None:
+        pct = round(100.0 * fraction, 1)
+        if pct == state["last"]:
+            return
+        state["last"] = pct
+        if state["id"] is None:
+            state["id"] = create_progress_artifact(
+                progress=pct, key=f"{stage_name.replace('_', '-')}-unit-progress",
+                description=f"{stage_name} unit {index}: {note}".strip(),
+            )
+        else:
+            update_progress_artifact(state["id"], progress=pct, description=f"{stage_name} unit {index}: {note}")
+
+    return report
 
 
 class _ToRunLogger(logging.Handler):
@@ -146,6 +166,11 @@ def stage_commit(
     if os.path.exists(own_report):
         with open(own_report, encoding="utf-8") as f:
             markdown = f.read() + "\n\n" + markdown
+    for table_name in getattr(stage, "report_tables", ()):  # e.g. the crawl's per-host report
+        rows = artifact.read_table(table=table_name).to_pylist() if artifact.table_rows(table_name) else []
+        if rows:
+            create_table_artifact(key=f"{stage_name.replace('_', '-')}-{table_name}-table", table=rows,
+                                  description=f"**{stage_name}** {table_name}: one row per source and host")
     create_markdown_artifact(
         key=f"{stage_name.replace('_', '-')}-report",
         markdown=markdown,

@@ -319,10 +319,12 @@ class ArtifactWriter:
         shard_bytes: int = 128 << 20,
         on_rows: Any = None,
         scratch: str | None = None,
+        on_progress: Any = None,
     ):
         self.fs = fs
         self.directory = directory
         self.unit = unit
+        self._on_progress = on_progress
         self.shard_rows = shard_rows
         self.shard_bytes = shard_bytes
         self.scratch = scratch
@@ -352,6 +354,11 @@ class ArtifactWriter:
             self.rejects.write(data)
             if self._on_rows:
                 self._on_rows(data.num_rows)
+
+    def progress(self, fraction: float, note: str = "") -> None:
+        """Report how far a long unit has got (training steps, crawled pages); Prefect shows it live."""
+        if self._on_progress:
+            self._on_progress(max(0.0, min(1.0, fraction)), note)
 
     def close(self) -> None:
         for t in self.tables.values():
@@ -385,7 +392,7 @@ class Staging:
         with self.fs.open(marker, "r") as f:
             return json.load(f)
 
-    def begin_unit(self, unit: int, on_rows: Any = None) -> ArtifactWriter:
+    def begin_unit(self, unit: int, on_rows: Any = None, on_progress: Any = None) -> ArtifactWriter:
         """Clear the shards a killed attempt at this unit left behind (not its scratch), return its writer."""
         if self.fs.exists(self.dir):
             pattern = f"part-{unit:05d}-*.parquet"
@@ -396,7 +403,7 @@ class Staging:
         if isinstance(self.fs, LocalFileSystem):
             scratch = _join(self.fs, self.dir, SCRATCH_DIR, f"{unit:05d}")
             os.makedirs(scratch, exist_ok=True)
-        return ArtifactWriter(self.fs, self.dir, unit, self.shard_rows, self.shard_bytes, on_rows, scratch)
+        return ArtifactWriter(self.fs, self.dir, unit, self.shard_rows, self.shard_bytes, on_rows, scratch, on_progress)
 
     def finish_unit(self, unit: int, writer: ArtifactWriter, stats: StageStats) -> dict[str, Any]:
         writer.close()

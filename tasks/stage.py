@@ -98,6 +98,7 @@ def register_stage(stage: Stage) -> Stage:
 def stage_registry() -> dict[str, Stage]:
     """Every stage that exists, by name. Stages not built yet are absent, never stubbed."""
     from tasks.clean import CleanStage
+    from tasks.crawl import CrawlStage
     from tasks.dedup import DedupCandidatesStage, DedupClustersStage, DedupStage, MinHashStage
     from tasks.ingest.stage import IngestStage
     from tasks.langid import LangIdStage
@@ -105,7 +106,7 @@ def stage_registry() -> dict[str, Stage]:
     from tasks.tokenize import SftIngestStage, SftTokenizeStage, TokenizerStage, TokenizeStage
     from tasks.train.stage import TrainStage
 
-    builtin = (IngestStage(), CleanStage(), MinHashStage(), DedupCandidatesStage(), DedupClustersStage(), DedupStage(),
+    builtin = (CrawlStage(), IngestStage(), CleanStage(), MinHashStage(), DedupCandidatesStage(), DedupClustersStage(), DedupStage(),
                LangIdStage(), SftIngestStage(), TokenizerStage(), TokenizeStage(), SftTokenizeStage(), PackStage(),
                TrainStage())
     return {**{s.name: s for s in builtin}, **_REGISTERED}
@@ -133,13 +134,14 @@ def run_unit(
     index: int,
     unit: dict[str, Any],
     progress: ProgressFn | None = None,
+    on_progress: Callable[[float, str], None] | None = None,
 ) -> dict[str, Any]:
     """Run one unit into the staging area, unless a previous attempt already finished it."""
     done = staging.unit_result(index)
     if done is not None:
         return done
     on_rows = (lambda n: progress("rows", n)) if progress else None
-    writer = staging.begin_unit(index, on_rows=on_rows)
+    writer = staging.begin_unit(index, on_rows=on_rows, on_progress=on_progress)
     t0 = time.perf_counter()
     try:
         stats = stage.process(unit, inputs, cfg, writer)

@@ -57,8 +57,19 @@ def test_stage_with_config_file_and_bad_settings(tmp_path, corpus):
     assert r.exit_code == 2 and "text_feld: unknown field" in r.output
     r = kiln("stage", "ingest", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o3"))
     assert r.exit_code == 2 and "ingest.paths[0]: no such file" in r.output
-    r = kiln("stage", "clean", "-i", str(corpus), "-o", str(tmp_path / "o4"))
-    assert r.exit_code == 2 and "unknown stage 'clean'" in r.output
+    r = kiln("stage", "polish", "-i", str(corpus), "-o", str(tmp_path / "o4"))
+    assert r.exit_code == 2 and "unknown stage 'polish'" in r.output
+
+
+def test_stage_on_loose_files_ingests_first_and_keeps_ids(tmp_path, corpus):
+    out = tmp_path / "langid-out"
+    r = kiln("stage", "langid", "-i", str(corpus / "good.jsonl"), "-o", str(out), "--set", "min_score=0.0")
+    assert r.exit_code == 0, r.output
+    art = Artifact.open(str(out))
+    assert art.stage == "langid" and art.stats.rows_in == 20
+    rows = art.read_table().to_pylist() + art.read_table(table="rejects").to_pylist()
+    assert {r["id"] for r in rows} == {f"doc-{i}" for i in range(20)}
+    assert all(r["lang"] for r in rows)
 
 
 def test_inspect_artifact_plain_parquet_and_missing(tmp_path, corpus):
@@ -142,15 +153,26 @@ def test_kiln_run_twice_then_cached_and_refresh(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_demo_config_runs(tmp_path):
+def test_demo_runs_end_to_end(tmp_path):
+    """`make demo`'s command: crawl the local pydoc site and the code tree, ingest, clean, dedup, langid,
+    tokenize, pack and train, with the validation loss falling; then the same again, all cached."""
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
-    r = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "configs/demo.yaml", "--set", f"store.root={tmp_path}/store"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "rejected by reason" in r.stdout and str(tmp_path / "store" / "ingest") in r.stdout
+    cmd = [sys.executable, "examples/docs_site.py", "run", "--port", "8765", "--",
+           sys.executable, "-m", "flows.cli", "run", "configs/demo.yaml", "--set", f"store.root={tmp_path}/store"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    out = r.stdout
+    for stage in ("crawl", "ingest", "clean", "dedup", "langid", "tokenizer", "tokenize", "pack", "train"):
+        assert f"{stage}: {tmp_path}/store/{stage}/" in out, stage
+    crawl = next(Artifact.open(os.path.join(tmp_path, "store", "crawl", d))
+                 for d in os.listdir(tmp_path / "store" / "crawl") if not d.startswith("."))
+    assert crawl.stats.extra.get("web_requests", 0) >= 200 and crawl.stats.extra.get("code_files", 0) >= 20
+    line = next(l for l in out.splitlines() if "validation loss" in l)
+    first, last = (float(x) for x in line.split("validation loss ")[1].split(" (")[0].split(" -> "))
+    assert last < first
+    r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0 and " ran " not in r2.stdout and r2.stdout.count("cached") >= 12
 
 
 @pytest.mark.slow

@@ -435,7 +435,7 @@ def _site_for_resume() -> dict[str, Route]:
         routes[f"/s{i}"] = Route(article(f"Section {i}", f"Section {i} text.", links=[f"/s{i}/p{j}" for j in range(3)]))
         for j in range(3):
             routes[f"/s{i}/p{j}"] = Route(article(f"Page {i}.{j}", f"Page {i}.{j} text.", links=["/", f"/s{(i + 1) % 25}"]))
-    routes["/robots.txt"] = Route(b"User-agent: *\nDisallow: /s7/\n", content_type="text/plain")
+    routes["/robots.txt"] = Route(b"User-agent: *\nDisallow: /s7/\nCrawl-delay: 0.03\n", content_type="text/plain")
     return routes
 
 
@@ -454,7 +454,7 @@ def _comparable(art):
 @pytest.mark.slow
 def test_sigkill_half_way_then_rerun_equals_uninterrupted_crawl(tmp_path, sites):
     a = sites("127.0.0.1", _site_for_resume())
-    src = web(seeds=[a.origin + "/"], max_depth=3, max_pages=80, per_host_delay=0.03, respect_robots=True)
+    src = web(seeds=[a.origin + "/"], max_depth=3, max_pages=80, per_host_delay=0.0, respect_robots=True)
     cfg = CrawlConfig(sources=[src], extract_workers=0)
     fp = CrawlStage().fingerprint(cfg, [])
     root = str(tmp_path / "killed")
@@ -483,6 +483,8 @@ def test_sigkill_half_way_then_rerun_equals_uninterrupted_crawl(tmp_path, sites)
     # journaled pages are not fetched again (robots.txt is journaled too)
     assert requests_resumed <= 80 - resumed.stats.extra["web_pages_resumed"] + 1
     assert "/robots.txt" not in [h.path for h in a.hits[requests_before:]]
+    starts = sorted(h.start for h in a.hits[requests_before:])
+    assert min(y - x for x, y in zip(starts, starts[1:])) >= 0.03 - 0.005  # the journaled Crawl-delay still holds
 
     fresh = run_in_store(CrawlStage(), cfg, [], ArtifactStore(str(tmp_path / "fresh")))
     assert resumed.fingerprint == fresh.fingerprint

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from tasks.artifacts import Artifact, ArtifactWriter, StageStats

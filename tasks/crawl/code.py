@@ -187,7 +187,7 @@ def git_head(root: str) -> str | None:
         return None
 
 
-def _public_url(url: str) -> str:
+def public_url(url: str) -> str:
     """A remote URL without credentials, safe to store in every document's meta."""
     try:
         parts = urlsplit(url)
@@ -203,10 +203,10 @@ def remote_commit(git_url: str, ref: str | None, where: str) -> str:
     try:
         out = _git(None, "ls-remote", git_url, ref or "HEAD", timeout=120)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-        raise StageInputError(f"{where}.git_url", f"cannot reach {_public_url(git_url)!r}: {e}") from None
+        raise StageInputError(f"{where}.git_url", f"cannot reach {public_url(git_url)!r}: {e}") from None
     lines = [ln.split("\t") for ln in out.splitlines() if "\t" in ln]
     if not lines:
-        raise StageInputError(f"{where}.ref", f"{ref or 'HEAD'!r} not found in {_public_url(git_url)!r}")
+        raise StageInputError(f"{where}.ref", f"{ref or 'HEAD'!r} not found in {public_url(git_url)!r}")
     # a tag appears twice, as itself and peeled (^{}); the peeled one names the commit
     peeled = [sha for sha, name in lines if name.endswith("^{}")]
     return peeled[0] if peeled else lines[0][0]
@@ -314,7 +314,7 @@ def ingest_code(
             tmp = tempfile.mkdtemp(prefix="kiln-clone-")
             root = os.path.join(tmp, "repo")
             clone(src.git_url, src.ref, unit["commit"], root)
-            commit, repo, in_git = unit["commit"], _public_url(src.git_url), True
+            commit, repo, in_git = unit["commit"], public_url(src.git_url), True
         else:
             root = src.path
             commit = git_head(root)
@@ -322,7 +322,7 @@ def ingest_code(
             repo = None
             if in_git:
                 try:
-                    repo = _public_url(_git(root, "config", "--get", "remote.origin.url", timeout=30).strip()) or None
+                    repo = public_url(_git(root, "config", "--get", "remote.origin.url", timeout=30).strip()) or None
                 except (RuntimeError, OSError, subprocess.TimeoutExpired):
                     repo = None
             repo = repo or os.path.basename(os.path.abspath(root))

@@ -7,6 +7,7 @@ finished crawl cached.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -186,9 +187,16 @@ class CrawlConfig(StageConfig):
 
     sources: list[CrawlSource] = Field(..., min_length=1, description="The sources, each with a `kind`.")
     batch_rows: int = Field(512, ge=1, description="Documents per Arrow batch written.")
-    extract_workers: int = Field(
-        2, ge=0, le=256, description="Processes for HTML-to-text extraction (0: a thread of the stage's process)."
+    extract_workers: int | None = Field(
+        None, ge=0, le=256,
+        description="Processes for HTML-to-text extraction (0: a thread of the stage's process). Default: one "
+        "per CPU core but one, which the crawl's own event loop keeps busy.",
     )
+
+    def extraction_processes(self) -> int:
+        if self.extract_workers is not None:
+            return self.extract_workers
+        return max(1, (os.cpu_count() or 2) - 1)
 
     def fingerprint_config(self) -> dict[str, Any]:
         cfg = super().fingerprint_config()

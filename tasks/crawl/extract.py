@@ -10,6 +10,8 @@ from __future__ import annotations
 import codecs
 import logging
 import re
+import threading
+from collections import deque
 from typing import Any
 
 from tasks.crawl.urls import NON_LINK_SCHEMES, normalize_url, scheme_of
@@ -17,6 +19,7 @@ from tasks.crawl.urls import NON_LINK_SCHEMES, normalize_url, scheme_of
 log = logging.getLogger("kiln.crawl")
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+MAX_BATCH = 16  # pages per message to a worker process
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([a-zA-Z0-9_:.-]+)""", re.I)
 _XML_DECL = re.compile(r"^\s*<\?xml[^>]*\?>")
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
@@ -164,6 +167,10 @@ def _analyse_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return analyse_page(**kwargs)
 
 
+def _analyse_batch(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [analyse_page(**kwargs) for kwargs in calls]
+
+
 class Extractor:
     """Runs `analyse_page` in worker processes, or in a thread when workers == 0.
 
@@ -179,11 +186,25 @@ class Extractor:
         self._pool = None
         self._thread_pool = None
         self._pool_worked = False
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[dict[str, Any], Any]] = deque()
+        self._dispatcher = None
+        self._slots = None
+        self._slots_loop = None
+        self._running: set[Any] = set()
 
     def _executor(self):
+        with self._lock:  # warm() may be creating the pool from its thread right now
+            return self._make_executor()
+
+    def _make_executor(self):
         import concurrent.futures
         import multiprocessing
 
+        if self.workers and multiprocessing.current_process().daemon:
+            # A daemonic process (a Dask worker, a multiprocessing pool worker) may not have children.
+            log.warning("extracting in a thread: this process is daemonic and cannot start worker processes")
+            self.workers = 0
         if self.workers == 0:
             if self._thread_pool is None:
                 self._thread_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kiln-extract")
@@ -202,21 +223,77 @@ class Extractor:
             log.warning("extraction worker processes failed (%s); extracting in a thread instead", error)
             self.workers = 0
 
+    def warm(self) -> None:
+        """Start the worker processes in the background (a forkserver importing lxml and trafilatura
+        takes seconds), so that this overlaps with the first network round trips."""
+
+        def start() -> None:
+            try:
+                for _ in range(self.workers):
+                    self._executor().submit(_analyse_batch, [])
+            except Exception as e:  # reported again, and handled, when the first page needs a worker
+                log.debug("extraction workers did not start in the background: %s", e)
+
+        if self.workers:
+            threading.Thread(target=start, name="kiln-extract-warm", daemon=True).start()
+
     async def analyse(self, **kwargs: Any) -> dict[str, Any]:
+        """Analyse one page. Pages waiting while the workers are busy travel to them in batches, so
+        the per-call cost of inter-process messages is paid once per batch rather than per page."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        result = loop.create_future()
+        self._waiting.append((kwargs, result))
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.ensure_future(self._dispatch())
+        return await result
+
+    async def _dispatch(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots_loop is not loop:
+            # two batches per worker in flight: one being analysed, one queued behind it
+            self._slots, self._slots_loop = asyncio.Semaphore(2 * max(self.workers, 1)), loop
+        while self._waiting:
+            await self._slots.acquire()
+            batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), MAX_BATCH))]
+            task = asyncio.ensure_future(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: Any) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def _run_batch(self, batch: list[tuple[dict[str, Any], Any]]) -> None:
         import asyncio
         from concurrent.futures.process import BrokenProcessPool
 
         loop = asyncio.get_running_loop()
-        for attempt in range(2):
+        calls = [call for call, _ in batch]
+        try:
             try:
-                result = await loop.run_in_executor(self._executor(), _analyse_kwargs, kwargs)
+                results = await loop.run_in_executor(self._executor(), _analyse_batch, calls)
                 self._pool_worked = self._pool_worked or self.workers > 0
-                return result
             except BrokenProcessPool as e:
                 self._broken(e)
-                if attempt:
-                    return _failed(f"extraction worker died: {e}")
-        raise AssertionError("unreachable")
+                results = []
+                for call in calls:  # one at a time, so that a poisonous page fails alone
+                    try:
+                        results += await loop.run_in_executor(self._executor(), _analyse_batch, [call])
+                    except BrokenProcessPool as e2:
+                        self._broken(e2)
+                        results.append(_failed(f"extraction worker died: {e2}"))
+        except BaseException as e:  # hand any other failure to the pages' own awaiters
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            raise
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
 
     def map(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Results in the order of `calls` (WARC records keep their file order)."""

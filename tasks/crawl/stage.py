@@ -14,7 +14,7 @@ import time
 from typing import Any, ClassVar
 
 from tasks.artifacts import Artifact, ArtifactWriter, StageStats
-from tasks.crawl.code import _public_url, ingest_code, remote_commit, tree_identity
+from tasks.crawl.code import ingest_code, public_url, remote_commit, tree_identity
 from tasks.crawl.config import CodeSource, CrawlConfig, WarcSource, WebSource
 from tasks.crawl.extract import Extractor
 from tasks.crawl.report import CrawlReport
@@ -36,7 +36,7 @@ def source_label(src: WebSource | WarcSource | CodeSource) -> str:
     if isinstance(src, WarcSource):
         return "warc:" + os.path.basename(src.paths[0].rstrip("/"))
     if src.git_url:
-        return "code:" + os.path.basename(_public_url(src.git_url).rstrip("/")).removesuffix(".git")
+        return "code:" + os.path.basename(public_url(src.git_url).rstrip("/")).removesuffix(".git")
     return "code:" + os.path.basename(os.path.abspath(src.path))
 
 
@@ -80,7 +80,7 @@ class CrawlStage(Stage):
             elif isinstance(src, WarcSource):
                 identity.append({"kind": "warc", "files": resolve_warc_files(src, where)})
             elif src.git_url:
-                identity.append({"kind": "code", "git_url": _public_url(src.git_url), "commit": _commit_of(src, where)})
+                identity.append({"kind": "code", "git_url": public_url(src.git_url), "commit": _commit_of(src, where)})
             else:
                 if not os.path.isdir(src.path):
                     raise StageInputError(f"{where}.path", f"no such directory: {src.path!r}")
@@ -105,7 +105,7 @@ class CrawlStage(Stage):
         label = source_label(src)
         stats = StageStats()
         report = CrawlReport(label)
-        with Extractor(cfg.extract_workers) as extractor:
+        with Extractor(cfg.extraction_processes()) as extractor:
             if isinstance(src, WebSource):
                 # The journal lives in the unit's scratch directory, which survives a killed attempt;
                 # on a store without one (object storage) the crawl cannot resume, only restart.

@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+from functools import lru_cache
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 CRAWLABLE_SCHEMES = ("http", "https")
@@ -25,7 +26,17 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 _QUERY_SAFE = "/?:@!$&'()*+,;=-._~%"
 
 
+# Strings made only of these need no escaping work at all: the common case, worth a fast path.
+_PLAIN = {
+    _PATH_SAFE: re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=._~-]*"),
+    _QUERY_SAFE: re.compile(r"[A-Za-z0-9/?:@!$&'()*+,;=._~-]*"),
+}
+
+
 def _canonical_escapes(s: str, safe: str) -> str:
+    if _PLAIN[safe].fullmatch(s):
+        return s
+
     def fix(m: re.Match) -> str:
         ch = chr(int(m.group(1), 16))
         return ch if ch in _UNRESERVED else "%" + m.group(1).upper()
@@ -51,6 +62,7 @@ def _remove_dot_segments(path: str) -> str:
     return "/".join(out) or "/"
 
 
+@lru_cache(maxsize=4096)
 def _host(hostname: str) -> str | None:
     host = hostname.strip().rstrip(".").lower()
     if not host:
@@ -103,12 +115,14 @@ def scheme_of(url: str) -> str:
     return url.split(":", 1)[0].lower() if ":" in url else ""
 
 
+@lru_cache(maxsize=65536)
 def origin_of(url: str) -> str:
     """scheme://host[:port] of a normalised URL: the unit of politeness (robots.txt, delay, concurrency)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
 
 
+@lru_cache(maxsize=65536)
 def host_of(url: str) -> str:
     return urlsplit(url).netloc
 

@@ -19,7 +19,7 @@ from warcio.archiveiterator import ArchiveIterator
 
 from tasks.artifacts import ArtifactWriter, StageStats
 from tasks.crawl.config import WarcSource
-from tasks.crawl.extract import HTML_TYPES, Extractor, parse_content_type
+from tasks.crawl.extract import Extractor, parse_content_type
 from tasks.crawl.report import CrawlReport
 from tasks.crawl.urls import host_of, normalize_url
 from tasks.documents import DOCUMENT_SCHEMA, REJECT_SCHEMA, DocumentBatcher, meta_json, stable_id

@@ -313,6 +313,7 @@ class IngestStage(Stage):
     name = "ingest"
     version = 1
     Config = IngestConfig
+    emitter = _Emitter  # what turns a record into a document or a reject (sft_ingest brings its own)
 
     def sources(self, cfg: IngestConfig) -> list[dict[str, Any]]:
         return [
@@ -343,7 +344,7 @@ class IngestStage(Stage):
 
     def _read_file(self, unit: dict[str, Any], cfg: IngestConfig, out: ArtifactWriter, stats: StageStats) -> None:
         stats.bytes_in += unit["size"]
-        em = _Emitter(cfg, out, cfg.source or unit["path"], stats)
+        em = self.emitter(cfg, out, cfg.source or unit["path"], stats)
         path, fmt = unit["path"], unit["format"]
         try:
             if fmt == "jsonl":

@@ -10,26 +10,13 @@ reason: missing or non-text fields, empty fields, malformed turns, no assistant 
 
 from __future__ import annotations
 
-import gzip
 import json
 from typing import Any
 
 from pydantic import Field
 
-from tasks.artifacts import ArtifactWriter, StageStats
 from tasks.documents import meta_json, stable_id
-from tasks.ingest.stage import (
-    IngestConfig,
-    IngestStage,
-    _Emitter,
-    _iter_parquet,
-    _preview,
-    _read_hf_dataset,
-    _read_json,
-    _read_jsonl,
-    _read_records,
-    _read_text,
-)
+from tasks.ingest.stage import IngestConfig, IngestStage, _Emitter, _preview
 from tasks.tokenize.sft import (
     SftFields,
     SftRecordError,
@@ -87,25 +74,4 @@ class SftIngestStage(IngestStage):
     name = "sft_ingest"
     version = 1
     Config = SftIngestConfig
-
-    def _read_file(self, unit: dict[str, Any], cfg: SftIngestConfig, out: ArtifactWriter, stats: StageStats) -> None:
-        stats.bytes_in += unit["size"]
-        em = _SftEmitter(cfg, out, cfg.source or unit["path"], stats)
-        path, fmt = unit["path"], unit["format"]
-        try:
-            if fmt == "jsonl":
-                _read_jsonl(path, em)
-            elif fmt == "json":
-                _read_json(path, em)
-            elif fmt == "parquet":
-                _read_records(_iter_parquet(path, cfg.batch_rows), em, {})
-            elif fmt == "text":  # a text file is no instruction example: rejected as such, with a reason
-                _read_text(path, em)
-            elif fmt == "hf_dataset":
-                _read_hf_dataset(path, em)
-            else:
-                raise ValueError(f"unknown format {fmt!r}")
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            em.reject("unreadable_file", f"{type(e).__name__}: {e}", None, {"file": em.label})
-        em.flush()
-        stats.extra["files"] = stats.extra.get("files", 0) + 1
+    emitter = _SftEmitter

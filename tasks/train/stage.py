@@ -73,7 +73,11 @@ class TrainStage(Stage):
         with open(run_json, "w") as f:
             json.dump(run, f, indent=2)
         repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        launch.run(cfg, run_json, cwd=repo_root)
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("kiln") == "train":
+                out.progress(event["step"] / cfg.max_steps, f"step {event['step']}/{cfg.max_steps}, loss {event['loss']:.4f}")
+
+        launch.run(cfg, run_json, on_event=on_event, cwd=repo_root)
 
         with open(os.path.join(out_dir, "metrics.json")) as f:
             metrics = json.load(f)
