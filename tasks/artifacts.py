@@ -454,12 +454,12 @@ class Staging:
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         self.fs.makedirs(self.dir, exist_ok=True)
+        if finalize is not None:  # before the unit markers go, so a failed finalize can simply be retried
+            manifest.update(finalize(self.dir, self.fs) or {})
         for leftover in (UNITS_DIR, SCRATCH_DIR):
             path = _join(self.fs, self.dir, leftover)
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
-        if finalize is not None:
-            manifest.update(finalize(self.dir, self.fs) or {})
         body = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False)
         final_manifest = _join(self.fs, self.final_dir, MANIFEST)
 

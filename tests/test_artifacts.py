@@ -174,3 +174,17 @@ def test_named_tables_scratch_and_finalize(tmp_path):
     assert art.read_table(table="validation").column("id").to_pylist() == ["d100", "d101"]
     assert art.manifest["extra_file"] == "extra.txt" and os.path.exists(os.path.join(art.path, "extra.txt"))
     assert not os.path.exists(os.path.join(art.path, "_scratch"))
+
+
+def test_failed_finalize_leaves_the_units_for_a_retry(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    _write_units(store, "fpf", [0, 1])
+
+    def broken(directory, fs):
+        raise OSError("disk full while writing the dataset")
+
+    with pytest.raises(OSError, match="disk full"):
+        store.staging("demo", "fpf").commit({"stage": "demo", "fingerprint": "fpf"}, 2, broken)
+    assert not store.is_committed("demo", "fpf")
+    art = store.staging("demo", "fpf").commit({"stage": "demo", "fingerprint": "fpf"}, 2, lambda d, fs: {"ok": True})
+    assert art.num_rows == 20 and art.manifest["ok"] is True
