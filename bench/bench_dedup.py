@@ -12,7 +12,7 @@ that are downloaded, not installed (bench/data/english.py EXTRA_WHEELS), so 4x (
 
 Ingest runs in one child process; the chain (minhash -> dedup_candidates -> dedup_clusters -> dedup)
 then runs in a fresh child that finds the ingest artifact committed in the store, so its peak RSS
-(ru_maxrss, and the sampled RSS of the process tree) is the chain's own, not the ingest's.
+(VmHWM, and the sampled RSS of the process tree) is the chain's own, not the ingest's.
 
 --datatrove PYTHON runs datatrove's MinHash dedup (bench/datatrove_minhash.py) on the same documents,
 written as one JSONL file, in that other interpreter's venv (datatrove is never a Kiln dependency), in
@@ -147,6 +147,16 @@ def measure(cmd: list[str]) -> tuple[str, float, float]:
     return out, wall, peak[0] / 2**20
 
 
+def hwm_mb() -> float:
+    """Peak RSS of this process image (VmHWM). Unlike ru_maxrss, it starts afresh at exec, so a child does not
+    inherit the size of the bench process that forked it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _ingest(in_dir: str, store_dir: str):
     from tasks.artifacts import ArtifactStore
     from tasks.ingest import IngestConfig, IngestStage
@@ -169,7 +179,7 @@ def run_chain(in_dir: str, store_dir: str) -> None:
     t = time.perf_counter()
     store, docs = _ingest(in_dir, store_dir)
     open_s = time.perf_counter() - t
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = hwm_mb()
     cfg = DedupConfig()
     times = {}
     t0 = time.perf_counter()
@@ -186,8 +196,8 @@ def run_chain(in_dir: str, store_dir: str) -> None:
     times["dedup"] = time.perf_counter() - t
     total = time.perf_counter() - t0
     print(json.dumps({"seconds": total, "stages": times, "rows_in": out.stats.rows_in, "out": out.path,
-                      "clusters": clusters.path, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_after_ingest_mb": rss_before / 1024, "ingest_open_s": open_s, "lsh": mh.manifest.get("lsh"),
+                      "clusters": clusters.path, "peak_rss_mb": hwm_mb(),
+                      "rss_after_ingest_mb": rss_before, "ingest_open_s": open_s, "lsh": mh.manifest.get("lsh"),
                       "cluster_stats": clusters.stats.to_dict()}))
 
 
@@ -258,7 +268,7 @@ def main() -> None:
             print(f"kiln chain: {result['seconds']:.1f} s = {kiln_rate:,.0f} docs/s "
                   f"(one process), stages {{{', '.join(f'{k}: {v:.1f}' for k, v in result['stages'].items())}}}; "
                   f"process wall {wall:.1f} s (imports, opening the committed ingest {result['ingest_open_s']:.1f} s)")
-            print(f"kiln chain peak RSS {result['peak_rss_mb']:.0f} MB ru_maxrss, {tree_mb:.0f} MB sampled "
+            print(f"kiln chain peak RSS {result['peak_rss_mb']:.0f} MB VmHWM, {tree_mb:.0f} MB sampled "
                   f"(after opening ingest {result['rss_after_ingest_mb']:.0f} MB); LSH {result['lsh']}")
             print("clusters stage:", json.dumps(result["cluster_stats"]["extra"]), result["cluster_stats"]["rejected"])
             for k, v in evaluate(built, kiln_removals(result)).items():
@@ -274,7 +284,7 @@ def main() -> None:
                 print(f"datatrove {dt['version']} ({dt['config']}, tasks={dt['tasks']}, workers=1): "
                       f"{dt['seconds']:.1f} s = {dt_rate:,.0f} docs/s, stages "
                       f"{{{', '.join(f'{k}: {v:.1f}' for k, v in dt['stages'].items())}}}; process wall {dt_wall:.1f} s")
-                print(f"datatrove peak RSS {dt['peak_rss_mb']:.0f} MB ru_maxrss, {dt_tree_mb:.0f} MB sampled")
+                print(f"datatrove peak RSS {dt['peak_rss_mb']:.0f} MB VmHWM, {dt_tree_mb:.0f} MB sampled")
                 print(f"kiln / datatrove docs/s: {kiln_rate / dt_rate:.2f}x; process wall {dt_wall / wall:.2f}x")
                 with open(os.path.join(dt_work, "removals.json")) as f:
                     dt_removals = json.load(f)

@@ -10,7 +10,7 @@ the other, like Kiln's chain). Stages 1 and 4 use `--tasks` tasks; stage 2 uses 
 (datatrove requires a multiple of the bucket count); stage 3 one task.
 
 Prints one JSON line: seconds per stage and in total, datatrove's version and config, peak RSS of this
-process (ru_maxrss), and writes WORK_DIR/removals.json: [{"id", "kept_id"}] for every removed document,
+process (VmHWM), and writes WORK_DIR/removals.json: [{"id", "kept_id"}] for every removed document,
 kept_id being the document of the same cluster that datatrove kept.
 """
 
@@ -77,7 +77,7 @@ def main() -> None:
         ex.run()
         times[name] = time.perf_counter() - t
     total = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _hwm_mb()
 
     def read(folder: str):
         for path in sorted(glob.glob(f"{folder}/*.jsonl")):
@@ -93,6 +93,15 @@ def main() -> None:
     print(json.dumps({"seconds": total, "stages": times, "import_s": import_s, "peak_rss_mb": peak,
                       "removed": len(removals), "version": datatrove.__version__ if hasattr(datatrove, "__version__")
                       else _version(), "config": str(cfg), "tasks": args.tasks, "workers": 1}))
+
+
+def _hwm_mb() -> float:
+    """VmHWM: peak RSS of this process image (ru_maxrss would include the forking parent's size)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _version() -> str:

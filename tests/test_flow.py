@@ -158,3 +158,38 @@ def test_failed_stage_rerun_redoes_only_unfinished_units(tmp_path, corpus):
     second = calls(tmp_path)
     assert second["unit-1"] == 2  # the failed unit ran again
     assert all(second[u] == first[u] for u in first if u != "unit-1")  # finished units were not redone
+
+
+@pytest.mark.slow
+def test_training_in_the_flow_reports_progress_logs_and_loss_curve(tmp_path):
+    """ingest -> tokenizer -> tokenize -> pack -> train inside a Prefect flow: the ranks' output reaches the
+    task's log, a progress artifact fills to 100 %, and the report carries the loss curve."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterFlowRunId
+
+    from conftest import REPO
+
+    cfg = PipelineConfig.model_validate({
+        "store": {"root": str(tmp_path / "store")},
+        "ingest": {"paths": [os.path.join(REPO, "examples", "data")]},
+        "tokenizer": {"vocab_size": 512},
+        "tokenize": {},
+        "pack": {"seq_len": 64},
+        "train": {"model": {"init": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}},
+                  "max_steps": 6, "micro_batch_size": 2, "eval_every": 3, "eval_batches": 1, "log_every": 1,
+                  "save_every": 6},
+    })
+    state = pipeline(config=cfg, return_state=True)
+    refs = state.result()
+    assert set(refs) == {"ingest", "tokenizer", "tokenize", "pack", "train"}
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["train-unit-progress", "train-report"])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    progress = next(a for a in arts if a.key == "train-unit-progress")
+    assert float(progress.data) == 100.0
+    report = next(a for a in arts if a.key == "train-report")
+    assert "![loss curve](data:image/png;base64," in report.data
+    messages = "\n".join(entry.message for entry in logs)
+    assert '"kiln": "train"' in messages and "launching 2 rank(s)" in messages
