@@ -1,4 +1,4 @@
-"""The data flow: ingest -> (clean -> dedup -> langid -> tokenize -> pack, as those stages land)."""
+"""The data flow: crawl / ingest -> clean -> dedup -> langid -> tokenize -> pack (everything but training)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ from flows.plan import plan_pipeline, select
 from flows.stages import run_planned_stage
 
 
+MODEL_STAGES = frozenset({"train"})
+
+
 def run_data_stages(
-    config: PipelineConfig, only: str | None = None, from_stage: str | None = None, refresh: list[str] | None = None
+    config: PipelineConfig,
+    only: str | None = None,
+    from_stage: str | None = None,
+    refresh: list[str] | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
-    """Run the enabled data stages in order inside the current flow; returns each stage's artifact ref."""
+    """Run the enabled stages (less `skip`) in order inside the current flow; returns each one's artifact ref."""
     logger = get_run_logger()
     planned = plan_pipeline(config)
     chosen, forced = select(planned, only, from_stage, refresh or [])
+    chosen = [p for p in chosen if p.name not in skip]
     by_name = {p.name: p for p in planned}
     refs: dict[str, dict[str, Any]] = {}
     for p in chosen:
@@ -41,5 +49,5 @@ def data_flow(
     from_stage: str | None = None,
     refresh: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Crawl/ingest and prepare the corpus. `only`, `from_stage` and `refresh` name stages."""
-    return run_data_stages(config, only, from_stage, refresh)
+    """Crawl/ingest and prepare the corpus up to the packed dataset. `only`, `from_stage`, `refresh` name stages."""
+    return run_data_stages(config, only, from_stage, refresh, skip=MODEL_STAGES)

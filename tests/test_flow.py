@@ -193,3 +193,10 @@ def test_training_in_the_flow_reports_progress_logs_and_loss_curve(tmp_path):
     assert "![loss curve](data:image/png;base64," in report.data
     messages = "\n".join(entry.message for entry in logs)
     assert '"kiln": "train"' in messages and "launching 2 rank(s)" in messages
+
+    from flows.data import data_flow
+    from flows.train import train_flow
+
+    assert set(data_flow(config=cfg)) == {"ingest", "tokenizer", "tokenize", "pack"}  # the data flow stops at pack
+    again = train_flow(config=cfg, return_state=True)
+    assert again.result()["train"]["cached"] is True and task_states(again) == {"train": ["Cached"]}
