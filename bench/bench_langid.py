@@ -58,6 +58,22 @@ def main() -> None:
         run(f"kiln normalised, {w} x {wc} chars", lambda ts, i=ident: [l for l, _ in i.predict(ts)], texts, labels)
     _acc, errors = run("kiln default (LangIdConfig())", lambda ts, i=LanguageIdentifier(LangIdConfig()): [l for l, _ in i.predict(ts)], texts, labels)
     print("errors of the default (gold, predicted):", errors[:20])
+    # The stage runs one unit per shard; on this 2-core machine two units run at once (Dask/Ray workers,
+    # or two shards in worker processes). Same default identifier, the documents split over 2 processes.
+    run("kiln default, 2 worker processes", _two_processes, texts, labels)
+
+
+def _predict_chunk(texts: list[str]) -> list[str | None]:
+    return [label for label, _ in LanguageIdentifier(LangIdConfig()).predict(texts)]
+
+
+def _two_processes(texts: list[str]) -> list[str | None]:
+    import multiprocessing as mp
+
+    half = len(texts) // 2
+    with mp.get_context("fork").Pool(2) as pool:
+        parts = pool.map(_predict_chunk, [texts[:half], texts[half:]])
+    return parts[0] + parts[1]
 
 
 if __name__ == "__main__":
