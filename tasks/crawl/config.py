@@ -39,7 +39,21 @@ def _compiled(patterns: list[str]) -> list[str]:
     return patterns
 
 
-class WebSource(_Source):
+class _FetchedSource(_Source):
+    """What web pages and WARC records share: URL regexes and the media types kept."""
+
+    @field_validator("include", "exclude", check_fields=False)
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        return _compiled(v)
+
+    @field_validator("content_types", check_fields=False)
+    @classmethod
+    def _media_types(cls, v: list[str]) -> list[str]:
+        return [t.split(";")[0].strip().lower() for t in v]
+
+
+class WebSource(_FetchedSource):
     """A polite breadth-first crawl from seed URLs, bounded by scope, depth and a page budget."""
 
     execution_fields = frozenset(
@@ -105,18 +119,8 @@ class WebSource(_Source):
     def _lower(cls, v: list[str]) -> list[str]:
         return [d.strip().lower().lstrip(".") for d in v if d.strip()]
 
-    @field_validator("include", "exclude")
-    @classmethod
-    def _regexes(cls, v: list[str]) -> list[str]:
-        return _compiled(v)
 
-    @field_validator("content_types")
-    @classmethod
-    def _media_types(cls, v: list[str]) -> list[str]:
-        return [t.split(";")[0].strip().lower() for t in v]
-
-
-class WarcSource(_Source):
+class WarcSource(_FetchedSource):
     """WARC / WARC.gz files (Common Crawl's WARC and WET): response records through the same extraction."""
 
     kind: Literal["warc"] = "warc"
@@ -128,16 +132,6 @@ class WarcSource(_Source):
     exclude: list[str] = Field([], description="Regexes on the target URI; a match drops the record.")
     max_body_bytes: int = Field(5 << 20, ge=1024, description="Larger payloads are dropped as too_large.")
     extraction_fallback: bool = Field(False, description="See the web source.")
-
-    @field_validator("include", "exclude")
-    @classmethod
-    def _regexes(cls, v: list[str]) -> list[str]:
-        return _compiled(v)
-
-    @field_validator("content_types")
-    @classmethod
-    def _media_types(cls, v: list[str]) -> list[str]:
-        return [t.split(";")[0].strip().lower() for t in v]
 
 
 DEFAULT_VENDORED_DIRS = [
