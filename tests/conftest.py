@@ -63,15 +63,41 @@ class RealServer:
         self.env = env  # environment for subprocesses that talk to this server
         self.home = home
 
-    def get(self, path: str, **kw):
+    # Prefect's SQLite backend answers 503 when a write transaction loses a lock race (it happens on a
+    # loaded 2-core machine while served runs write task states); its own client retries those, and so
+    # do these helpers, with backoff, for up to ~2 minutes.
+    RETRY_STATUS = (429, 502, 503)
+
+    def _request(self, method: str, path: str, **kw):
+        import time
+
         import httpx
 
-        return httpx.get(f"{self.api}{path}", timeout=30, **kw)
+        delay = 0.5
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.request(method, f"{self.api}{path}", timeout=30, **kw)
+                if r.status_code not in self.RETRY_STATUS or time.monotonic() > deadline:
+                    return r
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+    def get(self, path: str, **kw):
+        return self._request("GET", path, **kw)
 
     def post(self, path: str, json=None):
-        import httpx
+        return self._request("POST", path, json=json or {})
 
-        return httpx.post(f"{self.api}{path}", json=json or {}, timeout=30)
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            with open(os.path.join(self.home, "server.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError as e:
+            return f"(no server log: {e})"
 
 
 def _free_port() -> int:
@@ -130,6 +156,7 @@ def prefect_server(tmp_path_factory):
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
         PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
+        PREFECT_API_LOG_RETRYABLE_ERRORS="true",  # lock races show in server.log, attached to failed tests
     )
     log = os.path.join(home, "server.log")
     with open(log, "w") as out:
@@ -140,7 +167,17 @@ def prefect_server(tmp_path_factory):
     try:
         _wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
         client_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-                      "PREFECT_WORKER_QUERY_SECONDS": "1"}
+                      "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_CLIENT_MAX_RETRIES": "7"}
         yield RealServer(f"http://127.0.0.1:{port}", client_env, home)
     finally:
         _stop(proc)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the real Prefect server gets the server log's tail in its report."""
+    outcome = yield
+    report = outcome.get_result()
+    server = getattr(item, "funcargs", {}).get("prefect_server")
+    if report.failed and server is not None and hasattr(server, "log_tail"):
+        report.sections.append(("prefect server log (tail)", server.log_tail()))
