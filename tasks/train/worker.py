@@ -336,6 +336,10 @@ def train(run: dict[str, Any]) -> int:
     if writer:
         writer.close()
     engine.destroy()
+    dist.destroy_process_group()
+    # Everything this rank had to write is written. The launcher accepts a rank that dies after this line
+    # (DeepSpeed's ZeRO-3 ranks now and then abort during interpreter teardown on CPU).
+    emit("finished", rank=rank)
     return 0
 
 
