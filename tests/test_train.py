@@ -66,6 +66,17 @@ def test_zero2_full_finetune_saves_a_model_that_loads_and_generates(tmp_path, in
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 8
 
 
+def test_early_stopping_ends_the_run_and_still_saves(tmp_path, inputs):
+    # A learning rate far below float32 resolution leaves the weights as they are: the validation loss
+    # never improves after the first evaluation, so patience 2 stops the run at the third (step 6 of 12).
+    art = run(tmp_path, inputs, optim={"lr": 1e-30, "warmup_steps": 0}, eval_every=2, early_stopping_patience=2)
+    metrics = json.load(open(os.path.join(art.path, "metrics.json")))
+    assert metrics["steps"] == 6, metrics["stopped"]
+    assert metrics["stopped"].startswith("early stopping: no better validation loss in 2 evaluations")
+    assert [s for s, _ in losses(art, "validation")] == [2, 4, 6]
+    assert os.path.exists(os.path.join(art.path, "model.safetensors"))
+
+
 def test_zero3_full_finetune(tmp_path, inputs):
     from transformers import AutoModelForCausalLM
 
