@@ -164,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"docs site: {pages} pydoc pages in {args.dir}", file=sys.stderr)
     if args.command == "build":
         return 0
-    server = start_server(args.dir, args.port)
+    try:
+        server = start_server(args.dir, args.port)
+    except OSError as e:
+        print(f"docs site: cannot listen on 127.0.0.1:{args.port}: {e.strerror or e}. Another demo (or another "
+              f"program) holds the port; stop it, or serve on another port and point the config's crawl seed "
+              f"at it (the demo config's seed is http://127.0.0.1:{DEFAULT_PORT}/).", file=sys.stderr)
+        return 2
     print(f"docs site: serving http://127.0.0.1:{args.port}/", file=sys.stderr)
     try:
         if args.command == "serve":
