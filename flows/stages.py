@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 from typing import Any
 
 from prefect import task, unmapped
@@ -161,10 +160,11 @@ def stage_commit(
         description=f"**{stage_name}** `{fp}`: {st['rows_in']} rows in, {st['rows_out']} kept, "
         f"{st['rows_rejected']} rejected",
     )
-    own_report = os.path.join(artifact.path, "report.md")  # a stage's own report (training: loss curve)
+    fs = artifact.fs  # a stage's own report (training: loss curve), on a local or a remote store
+    own_report = fs._strip_protocol(artifact.path).rstrip("/") + "/report.md"
     markdown = _report_markdown(artifact)
-    if os.path.exists(own_report):
-        with open(own_report, encoding="utf-8") as f:
+    if fs.exists(own_report):
+        with fs.open(own_report, "r", encoding="utf-8") as f:
             markdown = f.read() + "\n\n" + markdown
     for table_name in getattr(stage, "report_tables", ()):  # e.g. the crawl's per-host report
         rows = artifact.read_table(table=table_name).to_pylist() if artifact.table_rows(table_name) else []

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tasks.artifacts import ArtifactStore
+from tasks.artifacts import Artifact, ArtifactStore
 from tasks.stage import run_in_store
 from tasks.train.config import TrainConfig
 from tasks.train.launch import TrainLaunchError
@@ -48,7 +48,6 @@ def losses(art, kind="train"):
 
 
 def test_zero2_full_finetune_saves_a_model_that_loads_and_generates(tmp_path, inputs):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     art = run(tmp_path, inputs, deepspeed={"zero_stage": 2})
@@ -75,6 +74,30 @@ def test_early_stopping_ends_the_run_and_still_saves(tmp_path, inputs):
     assert metrics["stopped"].startswith("early stopping: no better validation loss in 2 evaluations")
     assert [s for s, _ in losses(art, "validation")] == [2, 4, 6]
     assert os.path.exists(os.path.join(art.path, "model.safetensors"))
+
+
+def test_remote_store_trains_on_local_copies_and_uploads_the_model(tmp_path, inputs, monkeypatch):
+    """A store that is not a local directory (fsspec's in-memory filesystem here, s3:// for users): the
+    inputs are fetched to a local cache, the ranks train there, the model is uploaded into the artifact."""
+    import fsspec
+    from transformers import AutoModelForCausalLM
+
+    fs = fsspec.filesystem("memory")
+    remote_inputs = []
+    for art in inputs:
+        dest = f"/kiln-remote-inputs/{tmp_path.name}/{art.stage}"
+        fs.put(art.path, dest, recursive=True)
+        remote_inputs.append(Artifact.open(f"memory://{dest}"))
+    monkeypatch.setenv("KILN_TRAIN_CACHE", str(tmp_path / "cache"))
+    store = ArtifactStore(f"memory://kiln-store-{tmp_path.name}")
+    art = run_in_store(TrainStage(), train_cfg(max_steps=6, eval_every=3), remote_inputs, store)
+    assert art.path.startswith("memory://") and art.stats.extra["steps"] == 6
+    assert art.table_rows("metrics") > 6
+    local = tmp_path / "downloaded"
+    art.fs.get(art.fs._strip_protocol(art.path), str(local), recursive=True)
+    assert {"model.safetensors", "tokenizer.json", "metrics.json", "report.md"} <= set(os.listdir(local))
+    assert AutoModelForCausalLM.from_pretrained(str(local)).config.num_hidden_layers == 2
+    assert os.listdir(tmp_path / "cache") == []  # the local working copy is gone once uploaded
 
 
 def test_zero3_full_finetune(tmp_path, inputs):

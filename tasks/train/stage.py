@@ -10,9 +10,11 @@ A killed or failed run leaves its checkpoints in the staging directory; the reru
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import pyarrow as pa
@@ -23,11 +25,6 @@ from tasks.train import launch
 from tasks.train.config import TrainConfig
 
 log = logging.getLogger("kiln.train")
-
-
-def dataset_dir(pack: Artifact) -> str:
-    hf = os.path.join(pack.path, "hf")
-    return hf if os.path.isdir(hf) else pack.path
 
 
 class TrainStage(Stage):
@@ -50,15 +47,20 @@ class TrainStage(Stage):
         return [{"run": 0}]
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TrainConfig, out: ArtifactWriter) -> StageStats:
-        if out.scratch is None:
-            raise StageInputError("store.root", "training writes checkpoints and models locally: use a local store")
         launch.check_hardware(cfg)
-        data_dir = dataset_dir(inputs[0])
-        tokenizer_dir = inputs[1].path if len(inputs) > 1 else None
-        packed_tokenizer = os.path.join(inputs[0].path, "tokenizer")  # the pack stage keeps a copy
+        work = None if out.scratch is not None else LocalWork(out)
+        if work is None:
+            pack_dir = inputs[0].path
+            tokenizer_dir = inputs[1].path if len(inputs) > 1 else None
+            out_dir, scratch = out.directory, out.scratch
+        else:  # a remote store: the ranks read and write local files, uploaded when the run is done
+            pack_dir = work.fetch(inputs[0], ("hf", "tokenizer"))
+            tokenizer_dir = work.fetch(inputs[1]) if len(inputs) > 1 else None
+            out_dir, scratch = work.output, work.scratch
+        data_dir = os.path.join(pack_dir, "hf") if os.path.isdir(os.path.join(pack_dir, "hf")) else pack_dir
+        packed_tokenizer = os.path.join(pack_dir, "tokenizer")  # the pack stage keeps a copy
         if tokenizer_dir is None and os.path.isdir(packed_tokenizer):
             tokenizer_dir = packed_tokenizer
-        out_dir = out.directory
         ds_config = launch.deepspeed_config(cfg, launch.world_size(cfg))
         with open(os.path.join(out_dir, "deepspeed_config.json"), "w") as f:
             json.dump(ds_config, f, indent=2)
@@ -69,7 +71,7 @@ class TrainStage(Stage):
             "tokenizer_dir": tokenizer_dir,
             "output_dir": out_dir,
         }
-        run_json = os.path.join(out.scratch, "run.json")
+        run_json = os.path.join(scratch, "run.json")
         with open(run_json, "w") as f:
             json.dump(run, f, indent=2)
         repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,6 +85,8 @@ class TrainStage(Stage):
             metrics = json.load(f)
         history = metrics["history"]
         write_report(out_dir, cfg, metrics)
+        if work is not None:
+            work.upload()
         out.table("metrics").write(_history_table(history))
         train = [h for h in history if h["kind"] == "train"]
         val = [h for h in history if h["kind"] == "validation"]
@@ -101,6 +105,63 @@ class TrainStage(Stage):
         if metrics.get("stopped"):
             stats.extra["stopped"] = metrics["stopped"]
         return stats
+
+
+class LocalWork:
+    """Local files for a run whose artifact store is remote (s3://, gs://, ...): the inputs the ranks read
+    are downloaded once, the output directory and checkpoints live on local disk while the run goes, and
+    the finished output is uploaded into the artifact's staging directory.
+
+    The directory is named after the artifact's staging path, so a killed run resumes from its local
+    checkpoints when it is rerun on the same machine. It sits under $KILN_TRAIN_CACHE (default
+    ~/.cache/kiln/train); for several nodes, put that on a filesystem every node mounts at the same path.
+    It is removed once the upload is complete.
+    """
+
+    def __init__(self, out: ArtifactWriter):
+        self.out = out
+        key = hashlib.sha256(out.fs.unstrip_protocol(out.directory).encode()).hexdigest()[:20]
+        base = os.environ.get("KILN_TRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kiln", "train")
+        self.root = os.path.join(base, key)
+        self.output = os.path.join(self.root, "output")
+        self.scratch = os.path.join(self.root, "scratch")
+        os.makedirs(self.output, exist_ok=True)
+        os.makedirs(self.scratch, exist_ok=True)
+
+    def fetch(self, artifact: Artifact, parts: tuple[str, ...] | None = None) -> str:
+        """A local copy of the artifact (or of the named subdirectories of it), downloaded once."""
+        dest = os.path.join(self.root, "inputs", artifact.fingerprint)
+        done = os.path.join(dest, ".complete")
+        if os.path.exists(done):
+            return dest
+        fs = artifact.fs
+        base = fs._strip_protocol(artifact.path).rstrip("/")
+        wanted = [f"{base}/{p}" for p in parts] if parts else [base]
+        n = 0
+        for top in wanted:
+            if not fs.exists(top):
+                continue
+            for remote in fs.find(top):
+                local = os.path.join(dest, os.path.relpath(remote, base))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                fs.get_file(remote, local)
+                n += 1
+        log.info("fetched %d file(s) of %s into %s", n, artifact.path, dest)
+        open(done, "w").close()
+        return dest
+
+    def upload(self) -> None:
+        fs, remote = self.out.fs, self.out.directory.rstrip("/")
+        n = 0
+        for root, _, files in os.walk(self.output):
+            rel = os.path.relpath(root, self.output)
+            target = remote if rel == "." else f"{remote}/{rel.replace(os.sep, '/')}"
+            fs.makedirs(target, exist_ok=True)
+            for name in files:
+                fs.put_file(os.path.join(root, name), f"{target}/{name}")
+                n += 1
+        log.info("uploaded %d file(s) of the trained model to %s", n, fs.unstrip_protocol(remote))
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _history_table(history: list[dict[str, Any]]) -> pa.Table:
