@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.data.multilingual import documents  # noqa: E402
-from tasks.langid.stage import LangIdConfig, LanguageIdentifier, load_model, model_input  # noqa: E402
+from tasks.langid.stage import LangIdConfig, LanguageIdentifier, load_model  # noqa: E402
 
 
 def run(name, predict, texts, labels, min_docs=10_000):

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import json
-import subprocess
-
 import pytest
 from pydantic import ValidationError
 
