@@ -175,6 +175,10 @@ def inspect(
         console.print(f"input: {i['stage']} {i['fingerprint']}  {i['path']}")
     if m.get("sources"):
         console.print(f"sources: {len(m['sources'])} file(s)")
+    reused = [u for u in m.get("unit_results", ()) if u.get("reused_from")]
+    if reused:
+        origins = sorted({u["reused_from"] for u in reused})
+        console.print(f"units copied from earlier artifacts: {len(reused)} of {m['units']} (from {', '.join(origins)})")
     console.print("config: " + json.dumps(m["config"], sort_keys=True))
     stats = Table(title="stats", title_justify="left")
     stats.add_column("metric")

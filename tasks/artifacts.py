@@ -380,6 +380,7 @@ class Staging:
         self.final_dir = final_dir
         self.shard_rows = shard_rows
         self.shard_bytes = shard_bytes
+        self.reuse_units = True  # look for keyed units in the other artifacts of this stage
 
     def _marker(self, unit: int) -> str:
         return _join(self.fs, self.dir, UNITS_DIR, f"{unit:05d}.json")
@@ -405,9 +406,14 @@ class Staging:
             os.makedirs(scratch, exist_ok=True)
         return ArtifactWriter(self.fs, self.dir, unit, self.shard_rows, self.shard_bytes, on_rows, scratch, on_progress)
 
-    def finish_unit(self, unit: int, writer: ArtifactWriter, stats: StageStats) -> dict[str, Any]:
+    def finish_unit(self, unit: int, writer: ArtifactWriter, stats: StageStats, key: str | None = None) -> dict[str, Any]:
         writer.close()
         result = {"unit": unit, "stats": stats.to_dict(), "tables": writer.summary()}
+        if key is not None:
+            result["key"] = key
+        return self._write_marker(unit, result)
+
+    def _write_marker(self, unit: int, result: dict[str, Any]) -> dict[str, Any]:
         marker = self._marker(unit)
         self.fs.makedirs(_join(self.fs, self.dir, UNITS_DIR), exist_ok=True)
         tmp = marker + f".tmp-{uuid.uuid4().hex[:8]}"
@@ -415,6 +421,53 @@ class Staging:
             json.dump(result, f)
         self.fs.mv(tmp, marker)
         return result
+
+    def find_unit(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        """A unit with this key in another committed artifact of the same stage: (its directory, its
+        record). Only stages that give their units keys (Stage.unit_key) record them."""
+        parent = self.final_dir.rstrip("/").rsplit("/", 1)[0] if not isinstance(self.fs, LocalFileSystem) \
+            else os.path.dirname(self.final_dir)
+        if not self.fs.exists(parent):
+            return None
+        for entry in sorted(self.fs.ls(parent, detail=False), reverse=True):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(".") or ".trash-" in name or entry.rstrip("/") == self.final_dir.rstrip("/"):
+                continue
+            manifest_path = _join(self.fs, entry, MANIFEST)
+            try:
+                with self.fs.open(manifest_path, "r") as f:
+                    manifest = json.load(f)
+            except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+                continue
+            for record in manifest.get("unit_results", ()):
+                if record.get("key") == key:
+                    return entry, record
+        return None
+
+    def adopt_unit(self, unit: int, key: str) -> dict[str, Any] | None:
+        """Copy a unit with the same key from another committed artifact instead of recomputing it; None
+        if there is none. The copies are made before the marker, so a killed copy is simply redone."""
+        found = self.find_unit(key) if self.reuse_units else None
+        if found is None:
+            return None
+        src_dir, record = found
+        old_prefix, new_prefix = f"part-{record['unit']:05d}-", f"part-{unit:05d}-"
+        self.begin_unit(unit)  # clears what a killed attempt at this unit left
+        tables: dict[str, Any] = {}
+        for name, table in record["tables"].items():
+            src_base = src_dir if name == DATA_TABLE else _join(self.fs, src_dir, name)
+            dst_base = self.dir if name == DATA_TABLE else _join(self.fs, self.dir, name)
+            if table["shards"]:
+                self.fs.makedirs(dst_base, exist_ok=True)
+            shards = []
+            for shard in table["shards"]:
+                renamed = new_prefix + shard[len(old_prefix):] if shard.startswith(old_prefix) else shard
+                self.fs.copy(_join(self.fs, src_base, shard), _join(self.fs, dst_base, renamed))
+                shards.append(renamed)
+            tables[name] = {**table, "shards": shards}
+        result = {"unit": unit, "stats": record["stats"], "tables": tables, "key": key,
+                  "reused_from": src_dir.rstrip("/").rsplit("/", 1)[-1]}
+        return self._write_marker(unit, result)
 
     def commit(self, manifest: dict[str, Any], n_units: int, finalize: Any = None) -> Artifact:
         """Assemble the manifest from the unit markers and move the artifact into place.
@@ -442,6 +495,10 @@ class Staging:
                 "schema": next((p["schema"] for p in parts if p["schema"]), None),
             }
         manifest = dict(manifest)
+        if any(r.get("key") for r in units):  # units another artifact of this stage may reuse
+            manifest["unit_results"] = [
+                {k: r[k] for k in ("unit", "key", "stats", "tables", "reused_from") if k in r} for r in units
+            ]
         manifest.update(
             rows=tables[DATA_TABLE]["rows"],
             bytes=tables[DATA_TABLE]["bytes"],
@@ -564,4 +621,6 @@ def staging_for_directory(out_dir: str, shard_rows: int = 100_000, shard_bytes: 
         final = os.path.abspath(final)
     parent, name = final.rsplit("/", 1) if "/" in final else ("", final)
     staging_dir = _join(fs, parent, f".{name}.staging") if parent else f".{name}.staging"
-    return Staging(fs, staging_dir, final, shard_rows, shard_bytes)
+    staging = Staging(fs, staging_dir, final, shard_rows, shard_bytes)
+    staging.reuse_units = False  # DIR's siblings are not a store's artifacts of one stage
+    return staging

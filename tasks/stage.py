@@ -8,6 +8,7 @@ thread pool, Dask or Ray (flows/), with identical output.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.artifacts import Artifact, ArtifactStore, ArtifactWriter, Staging, StageStats, fingerprint
 from tasks.documents import DOCUMENT_SCHEMA
+
+log = logging.getLogger("kiln.stage")
 
 
 class StageConfig(BaseModel):
@@ -71,6 +74,13 @@ class Stage(ABC):
     @abstractmethod
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: StageConfig, out: ArtifactWriter) -> StageStats:
         """Process one unit, writing kept rows with out.write and dropped rows with out.reject."""
+
+    def unit_key(self, unit: dict[str, Any], inputs: list[Artifact], cfg: StageConfig) -> str | None:
+        """A content identity for one unit whose output depends on nothing but what the key covers. A
+        unit with the same key in another committed artifact of this stage is copied from there instead
+        of recomputed (the crawl: a changed code tree does not refetch an unchanged web source).
+        Default None: units are never reused."""
+        return None
 
     def finalize(self, inputs: list[Artifact], cfg: StageConfig, directory: str, fs: Any) -> dict[str, Any] | None:
         """Runs once on the complete staging directory before commit (all units done). Stages whose
@@ -140,6 +150,15 @@ def run_unit(
     done = staging.unit_result(index)
     if done is not None:
         return done
+    key = stage.unit_key(unit, inputs, cfg)
+    if key is not None:
+        adopted = staging.adopt_unit(index, key)
+        if adopted is not None:
+            log.info("%s unit %d: the same unit is committed in %s; copied, not recomputed",
+                     stage.name, index, adopted["reused_from"])
+            if progress:
+                progress("rows", adopted["stats"].get("rows_in", 0))
+            return adopted
     on_rows = (lambda n: progress("rows", n)) if progress else None
     writer = staging.begin_unit(index, on_rows=on_rows, on_progress=on_progress)
     t0 = time.perf_counter()
@@ -150,7 +169,7 @@ def run_unit(
         raise
     stats.seconds = time.perf_counter() - t0
     stats.bytes_out = writer.data.bytes
-    return staging.finish_unit(index, writer, stats)
+    return staging.finish_unit(index, writer, stats, key=key)
 
 
 def manifest_header(stage: Stage, cfg: StageConfig, inputs: list[Artifact], fp: str) -> dict[str, Any]:

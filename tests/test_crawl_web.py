@@ -20,7 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.artifacts import ArtifactStore
-from tasks.crawl import CrawlConfig, CrawlStage, WebSource
+from tasks.crawl import CodeSource, CrawlConfig, CrawlStage, WebSource
 from tasks.crawl.urls import Scope, normalize_url
 from tasks.stage import run_in_store
 
@@ -389,6 +389,34 @@ def test_snapshot_is_the_cache_key_and_politeness_is_not(tmp_path):
     assert stage.fingerprint(tuned, []) == fp
     assert stage.fingerprint(CrawlConfig(sources=[web(seeds=["http://127.0.0.1:9/"], snapshot="2026-12")]), []) != fp
     assert stage.fingerprint(CrawlConfig(sources=[web(seeds=["http://127.0.0.1:9/"], max_pages=5)]), []) != fp
+
+
+def test_an_unchanged_source_is_copied_when_another_source_changed(tmp_path, sites):
+    """Units have their own identity: editing the code tree makes a new crawl artifact, but the web
+    source in it is copied from the previous one, not fetched again; a new snapshot fetches it."""
+    site = sites("127.0.0.1", {"/": Route(article("Home", "welcome", links=["/a"])), "/a": Route(article("A", "page a")),
+                               "/robots.txt": Route(b"", status=404)})
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "m.py").write_text("def f():\n    return 1\n")
+    code_src = CodeSource(path=str(code), use_gitignore=False)
+    first = crawl(tmp_path, web(seeds=[site.origin + "/"]), code_src)
+    hits = len(site.hits)
+    assert hits >= 2 and {r["url"] for r in first.read_table().to_pylist() if r["url"]} == {site.origin + "/", site.origin + "/a"}
+
+    (code / "m.py").write_text("def f():\n    return 22\n")
+    second = crawl(tmp_path, web(seeds=[site.origin + "/"]), code_src)
+    assert second.fingerprint != first.fingerprint
+    assert len(site.hits) == hits  # nothing fetched again
+    assert [r.get("reused_from") for r in second.manifest["unit_results"]] == [first.fingerprint, None]
+    old, new = first.read_table().to_pylist(), second.read_table().to_pylist()
+    assert [r for r in new if r["url"]] == [r for r in old if r["url"]]  # the web documents, byte for byte
+    assert [r["text"] for r in new if not r["url"]] == ["def f():\n    return 22\n"]
+    assert second.stats.rows_out == first.stats.rows_out
+
+    third = crawl(tmp_path, web(seeds=[site.origin + "/"], snapshot="next"), code_src)
+    assert len(site.hits) > hits  # a new snapshot of the web source is a new crawl of it
+    assert [r.get("reused_from") for r in third.manifest["unit_results"]] == [None, second.fingerprint]
 
 
 @pytest.mark.parametrize(

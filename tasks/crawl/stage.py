@@ -13,7 +13,7 @@ import tempfile
 import time
 from typing import Any, ClassVar
 
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats
+from tasks.artifacts import Artifact, ArtifactWriter, StageStats, fingerprint
 from tasks.crawl.code import ingest_code, public_url, remote_commit, tree_identity
 from tasks.crawl.config import CodeSource, CrawlConfig, WarcSource, WebSource
 from tasks.crawl.extract import Extractor
@@ -99,6 +99,19 @@ class CrawlStage(Stage):
             else:
                 units.append({"source": i, "kind": "web"})
         return units
+
+    def unit_key(self, unit: dict[str, Any], inputs: list[Artifact], cfg: CrawlConfig) -> str:
+        """A unit's output depends on its own source only: its settings and label, and its identity (the
+        web source's snapshot, the WARC file's size and mtime, the code tree's commit and files). So an
+        unchanged source is copied from the crawl artifact that has it, even when another source of the
+        same config changed. Bump a web source's `snapshot` to fetch it again."""
+        src = cfg.sources[unit["source"]]
+        identity: Any = None
+        if isinstance(src, CodeSource) and not src.git_url:
+            identity = tree_identity(src.path, src)
+        own = {k: v for k, v in unit.items() if k != "source"}
+        return fingerprint("crawl.unit", self.version, {"source": src.fingerprint_config(), "label": source_label(src),
+                                                        "unit": own}, sources=identity)
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: CrawlConfig, out: ArtifactWriter) -> StageStats:
         src = cfg.sources[unit["source"]]
