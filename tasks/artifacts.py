@@ -37,6 +37,9 @@ REJECTS_DIR = "rejects"
 FINGERPRINT_CHARS = 20
 
 
+_UNIT_INDEX_CACHE: dict[tuple[str, Any, str], dict[str, dict[str, Any]]] = {}
+
+
 class ArtifactError(RuntimeError):
     """An artifact is missing, incomplete, or not what the caller expects."""
 
@@ -433,16 +436,32 @@ class Staging:
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith(".") or ".trash-" in name or entry.rstrip("/") == self.final_dir.rstrip("/"):
                 continue
-            manifest_path = _join(self.fs, entry, MANIFEST)
+            record = self._unit_index(_join(self.fs, entry, MANIFEST)).get(key)
+            if record is not None:
+                return entry, record
+        return None
+
+    def _unit_index(self, manifest_path: str) -> dict[str, dict[str, Any]]:
+        """key -> unit record of one committed artifact; parsed once per manifest version (artifacts are
+        immutable; a refreshed one has a new manifest, so size and mtime are part of the cache key)."""
+        try:
+            info = self.fs.info(manifest_path)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        modified = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+        stamp = (self.fs.unstrip_protocol(manifest_path), info.get("size"), str(modified))
+        index = _UNIT_INDEX_CACHE.get(stamp)
+        if index is None:
             try:
                 with self.fs.open(manifest_path, "r") as f:
                     manifest = json.load(f)
             except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-                continue
-            for record in manifest.get("unit_results", ()):
-                if record.get("key") == key:
-                    return entry, record
-        return None
+                return {}
+            index = {r["key"]: r for r in manifest.get("unit_results", ()) if r.get("key")}
+            if len(_UNIT_INDEX_CACHE) > 256:
+                _UNIT_INDEX_CACHE.clear()
+            _UNIT_INDEX_CACHE[stamp] = index
+        return index
 
     def adopt_unit(self, unit: int, key: str) -> dict[str, Any] | None:
         """Copy a unit with the same key from another committed artifact instead of recomputing it; None
@@ -454,17 +473,21 @@ class Staging:
         old_prefix, new_prefix = f"part-{record['unit']:05d}-", f"part-{unit:05d}-"
         self.begin_unit(unit)  # clears what a killed attempt at this unit left
         tables: dict[str, Any] = {}
-        for name, table in record["tables"].items():
-            src_base = src_dir if name == DATA_TABLE else _join(self.fs, src_dir, name)
-            dst_base = self.dir if name == DATA_TABLE else _join(self.fs, self.dir, name)
-            if table["shards"]:
-                self.fs.makedirs(dst_base, exist_ok=True)
-            shards = []
-            for shard in table["shards"]:
-                renamed = new_prefix + shard[len(old_prefix):] if shard.startswith(old_prefix) else shard
-                self.fs.copy(_join(self.fs, src_base, shard), _join(self.fs, dst_base, renamed))
-                shards.append(renamed)
-            tables[name] = {**table, "shards": shards}
+        try:
+            for name, table in record["tables"].items():
+                src_base = src_dir if name == DATA_TABLE else _join(self.fs, src_dir, name)
+                dst_base = self.dir if name == DATA_TABLE else _join(self.fs, self.dir, name)
+                if table["shards"]:
+                    self.fs.makedirs(dst_base, exist_ok=True)
+                shards = []
+                for shard in table["shards"]:
+                    renamed = new_prefix + shard[len(old_prefix):] if shard.startswith(old_prefix) else shard
+                    self.fs.copy(_join(self.fs, src_base, shard), _join(self.fs, dst_base, renamed))
+                    shards.append(renamed)
+                tables[name] = {**table, "shards": shards}
+        except FileNotFoundError:  # the source artifact went away meanwhile (gc, a refresh): recompute
+            self.begin_unit(unit)
+            return None
         result = {"unit": unit, "stats": record["stats"], "tables": tables, "key": key,
                   "reused_from": src_dir.rstrip("/").rsplit("/", 1)[-1]}
         return self._write_marker(unit, result)
