@@ -52,3 +52,15 @@ def test_a_rank_error_fails_the_run_even_if_others_finished(monkeypatch):
 def test_clean_exit_returns_the_events(monkeypatch):
     group(monkeypatch, events({"kiln": "step", "step": 1, "loss": 2.5}))
     assert launch.run(CFG, "unused.json") == [{"kiln": "step", "step": 1, "loss": 2.5}]
+
+
+def test_events_that_ran_together_on_one_line_are_all_read(monkeypatch):
+    # Two ranks share the launcher's pipe: an event can follow other output, or another event, on one line.
+    a = json.dumps({"kiln": "error", "rank": 0, "error": "loss is nan at step 2; stopping",
+                    "kind": "non_finite_loss"})
+    b = json.dumps({"kiln": "error", "rank": 1, "error": "loss is nan at step 2; stopping",
+                    "kind": "non_finite_loss"})
+    script = f"import sys; sys.stdout.write({('warning: x ' + a + b + chr(10))!r}); sys.stdout.flush(); raise SystemExit(3)\n"
+    group(monkeypatch, script)
+    with pytest.raises(TrainLaunchError, match=r"training stopped on rank 0: loss is nan at step 2"):
+        launch.run(CFG, "unused.json")

@@ -156,15 +156,10 @@ def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], No
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
-            if line.startswith("{") and '"kiln"' in line:
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    event = None
-                if isinstance(event, dict) and "kiln" in event:
-                    (errors if event["kiln"] == "error" else events).append(event)
-                    if on_event:
-                        on_event(event)
+            for event in _events_in(line):
+                (errors if event["kiln"] == "error" else events).append(event)
+                if on_event:
+                    on_event(event)
             if "Root Cause" in line:  # torchrun's summary names the first failure after this line
                 in_root_cause = True
             m = _RANK_LINE.match(line)
@@ -191,6 +186,28 @@ def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], No
             return events
         raise TrainLaunchError(_explain(code, errors, dead, list(tail), root_rank))
     return events
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _events_in(line: str) -> list[dict[str, Any]]:
+    """The worker's JSON events in one output line. Ranks write each event with one write(), but a
+    rank's other output (a warning without its newline yet) can still precede an event on the same
+    line, and events longer than the pipe's atomic size can run into each other: every `{"kiln"` is
+    tried."""
+    found: list[dict[str, Any]] = []
+    start = line.find('{"kiln"')
+    while start != -1:
+        try:
+            event, end = _DECODER.raw_decode(line, start)
+        except json.JSONDecodeError:
+            end = start + 1
+        else:
+            if isinstance(event, dict) and "kiln" in event:
+                found.append(event)
+        start = line.find('{"kiln"', end)
+    return found
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -31,7 +31,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"kiln": event, **fields}, default=float), flush=True)
+    """One JSON line on stdout, written with a single write(): every rank shares torchrun's output pipe,
+    and print() writes the text and its newline separately, so two ranks' lines could run together."""
+    data = (json.dumps({"kiln": event, **fields}, default=float) + "\n").encode()
+    sys.stdout.flush()
+    fd = sys.stdout.fileno()
+    while data:
+        data = data[os.write(fd, data):]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         emit("error", rank=rank, error=str(e), kind="non_finite_loss")
         return EXIT_NAN
     except BaseException as e:
-        emit("error", rank=rank, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+        emit("error", rank=rank, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2500:])  # one line under PIPE_BUF
         raise
 
 
