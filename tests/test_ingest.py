@@ -143,6 +143,21 @@ def test_small_files_grouped_into_units_same_content(tmp_path):
     assert grouped.read_table().equals(single.read_table())
 
 
+def test_unchanged_files_are_copied_when_files_are_added_or_changed(tmp_path):
+    d = tmp_path / "grow"
+    for i in range(3):
+        write_jsonl(d / f"f{i:02d}.jsonl", [{"id": f"{i}-{j}", "text": f"text {i} {j}"} for j in range(3)])
+    first = ingest(tmp_path, paths=[str(d)], unit_files=1)
+    write_jsonl(d / "f03.jsonl", [{"id": "3-0", "text": "a new file"}])
+    write_jsonl(d / "f01.jsonl", [{"id": "1-0", "text": "this file was rewritten"}])
+    second = ingest(tmp_path, paths=[str(d)], unit_files=1)
+    reused = [u.get("reused_from") for u in second.manifest["unit_results"]]
+    assert reused == [first.fingerprint, None, first.fingerprint, None]
+    fresh = ingest(tmp_path / "fresh", paths=[str(d)], unit_files=1)  # an empty store: everything read
+    assert fresh.fingerprint == second.fingerprint and second.read_table().equals(fresh.read_table())
+    assert second.stats.to_dict()["rows_out"] == fresh.stats.to_dict()["rows_out"] == 8
+
+
 def test_changed_input_file_changes_fingerprint(tmp_path):
     p = write_jsonl(tmp_path / "a.jsonl", [{"text": "v1"}])
     fp1 = IngestStage().fingerprint(IngestConfig(paths=[p]), [])

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats
+from tasks.artifacts import Artifact, ArtifactWriter, StageStats, fingerprint
 from tasks.documents import (
     DOCUMENT_SCHEMA,
     MAX_REJECT_TEXT_CHARS,
@@ -335,6 +335,13 @@ class IngestStage(Stage):
         if group:
             units.append({"files": group})
         return units
+
+    def unit_key(self, unit: dict[str, Any], inputs: list[Artifact], cfg: IngestConfig) -> str:
+        """A unit's documents depend on its own files (path, format, size, mtime) and on how records are
+        read, not on which other files the config lists: an artifact made after files were added copies
+        the units whose files are unchanged (files over `unit_mb` are a unit each)."""
+        reading = {k: v for k, v in cfg.fingerprint_config().items() if k != "paths"}
+        return fingerprint(f"{self.name}.unit", self.version, {"config": reading, "unit": unit})
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: IngestConfig, out: ArtifactWriter) -> StageStats:
         stats = StageStats()
