@@ -127,11 +127,19 @@ class PackedData:
         if "input_ids" not in cols:
             raise ValueError("the dataset has no input_ids column: is it the pack stage's output?")
         table = split.with_format("numpy", columns=cols)
-        self.input_ids = torch.as_tensor(table["input_ids"], dtype=torch.long)
+
+        def matrix(name: str):
+            import numpy as np
+
+            col = table[name]  # packed rows all have seq_len tokens: one (rows, seq_len) array
+            arr = col if isinstance(col, np.ndarray) and col.dtype != object else np.stack(list(col))
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+
+        self.input_ids = matrix("input_ids")
         n, s = self.input_ids.shape
-        self.labels = torch.as_tensor(table["labels"], dtype=torch.long) if "labels" in cols else self.input_ids.clone()
+        self.labels = matrix("labels") if "labels" in cols else self.input_ids.clone()
         if "position_ids" in cols:
-            self.position_ids = torch.as_tensor(table["position_ids"], dtype=torch.long)
+            self.position_ids = matrix("position_ids")
         else:
             self.position_ids = torch.arange(s).expand(n, s).clone()
         # The first token of every document is never a target: with the shift inside the loss it would be
