@@ -243,7 +243,7 @@ def run_planned_stage(
     if refresh or not committed:
         staging = store.staging(p.name, p.fingerprint)
         if refresh:
-            staging.discard()
+            staging.recompute_all()
         units = p.stage.plan([Artifact.open(x) for x in input_paths], p.cfg)
         n_units = len(units)
         futures = stage_unit.with_options(**retry).map(

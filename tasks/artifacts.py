@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 MANIFEST = "_manifest.json"
 UNITS_DIR = "_units"
+NO_REUSE = "no-reuse"  # in UNITS_DIR: this artifact copies no unit from earlier ones (a refresh)
 SCRATCH_DIR = "_scratch"
 DATA_TABLE = "data"  # stored at the artifact's top level
 REJECTS_DIR = "rejects"
@@ -466,7 +467,8 @@ class Staging:
     def adopt_unit(self, unit: int, key: str) -> dict[str, Any] | None:
         """Copy a unit with the same key from another committed artifact instead of recomputing it; None
         if there is none. The copies are made before the marker, so a killed copy is simply redone."""
-        found = self.find_unit(key) if self.reuse_units else None
+        reuse = self.reuse_units and not self.fs.exists(_join(self.fs, self.dir, UNITS_DIR, NO_REUSE))
+        found = self.find_unit(key) if reuse else None
         if found is None:
             return None
         src_dir, record = found
@@ -574,6 +576,14 @@ class Staging:
     def discard(self) -> None:
         if self.fs.exists(self.dir):
             self.fs.rm(self.dir, recursive=True)
+
+    def recompute_all(self) -> None:
+        """A refresh: start over, and copy no unit from earlier artifacts either (the flag lives in the
+        staging directory, so unit tasks in other processes see it, and goes away with the commit)."""
+        self.discard()
+        self.fs.makedirs(_join(self.fs, self.dir, UNITS_DIR), exist_ok=True)
+        with self.fs.open(_join(self.fs, self.dir, UNITS_DIR, NO_REUSE), "w") as f:
+            f.write("refresh: every unit is recomputed\n")
 
 
 class ArtifactStore:

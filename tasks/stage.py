@@ -224,5 +224,5 @@ def run_in_store(
         return store.open(stage.name, fp)
     staging = store.staging(stage.name, fp)
     if refresh:
-        staging.discard()
+        staging.recompute_all()
     return run_stage(stage, cfg, inputs, staging, fp, progress)

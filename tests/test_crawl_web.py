@@ -418,6 +418,12 @@ def test_an_unchanged_source_is_copied_when_another_source_changed(tmp_path, sit
     assert len(site.hits) > hits  # a new snapshot of the web source is a new crawl of it
     assert [r.get("reused_from") for r in third.manifest["unit_results"]] == [None, second.fingerprint]
 
+    hits = len(site.hits)
+    cfg = CrawlConfig(sources=[web(seeds=[site.origin + "/"]), code_src], extract_workers=0)
+    again = run_in_store(CrawlStage(), cfg, [], ArtifactStore(str(tmp_path / "store")), refresh=True)
+    assert again.fingerprint == second.fingerprint and len(site.hits) > hits  # a refresh fetches, copies nothing
+    assert [r.get("reused_from") for r in again.manifest["unit_results"]] == [None, None]
+
 
 @pytest.mark.parametrize(
     "raw, expected",
