@@ -110,10 +110,14 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
             notes.append("  rejected by reason: " + ", ".join(f"{k} {v:,}" for k, v in st["rejected"].items()))
         extra = st.get("extra", {})
         if extra.get("final_validation_loss") is not None:
+            scores = ", ".join(f"{k} {extra['final_' + k]:.3f}" for k in ("perplexity", "accuracy", "f1")
+                               if extra.get("final_" + k) is not None)
+            best = (f"; exported step {extra['exported_step']} (best {extra['monitor']} {extra['best']:.4f})"
+                    if extra.get("best") is not None else "")
             notes.append(
                 f"  {extra['steps']} steps, {extra['tokens_trained']:,} tokens; validation loss "
-                f"{extra['first_validation_loss']:.3f} -> {extra['final_validation_loss']:.3f} "
-                f"(perplexity {extra['final_perplexity']:.1f}); report: {os.path.join(a.path, 'report.md')}"
+                f"{extra['first_validation_loss']:.3f} -> {extra['final_validation_loss']:.3f} ({scores}){best}; "
+                f"report: {os.path.join(a.path, 'report.md')}"
             )
     console.print(table)
     for line in notes:
@@ -125,22 +129,41 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
 def stages(
     config: str = typer.Argument(..., help="Pipeline config YAML."),
     sets: list[str] = typer.Option([], "--set", help="Override a config value: key=value (repeatable)."),
+    dot: bool = typer.Option(False, "--dot", help="Print the stage graph in Graphviz dot instead of a table."),
 ) -> None:
-    """Each enabled stage, its fingerprint, and whether its artifact is already committed."""
+    """The stage graph: each enabled stage in run order, what it reads, its fingerprint, whether it is committed."""
     cfg = _load(config, sets)
     try:
         planned = plan_pipeline(cfg, config)
     except ConfigError as e:
         _fail(str(e))
+    if dot:
+        print(_dot(planned))
+        return
     table = Table(title=f"{cfg.name}: store {store_for(cfg).root}", title_justify="left")
-    for col in ("stage", "fingerprint", "status", "inputs", "path"):
+    for col in ("stage", "kind", "reads", "fingerprint", "status", "path"):
         table.add_column(col, overflow="fold")
     for p in planned:
+        reads = ", ".join(i if s in (i, "docs") or i.endswith("." + s) else f"{s}={i}" for i, s in zip(p.inputs, p.slots))
         table.add_row(
-            p.name, p.fingerprint, "[green]cached[/]" if p.committed else "[yellow]to run[/]",
-            ", ".join(p.inputs) or "-", p.path,
+            p.name, p.kind if p.kind != p.name else "", reads or "-", p.fingerprint,
+            "[green]cached[/]" if p.committed else "[yellow]to run[/]", p.path,
         )
     console.print(table)
+
+
+def _dot(planned: list[Any]) -> str:
+    """The stage graph in Graphviz dot (`kiln stages CONFIG --dot | dot -Tsvg > stages.svg`)."""
+    done = ', style="rounded,filled", fillcolor="#d8f0d8"'
+    lines = ["digraph kiln {", "  rankdir=LR;", "  node [shape=box, style=rounded];"]
+    for p in planned:
+        label = p.name if p.kind == p.name else f"{p.name}\\n({p.kind})"
+        lines.append(f'  "{p.name}" [label="{label}"{done if p.committed else ""}];')
+        for i, s in zip(p.inputs, p.slots):
+            edge = f' [label="{s}"]' if s not in ("docs", i) else ""
+            lines.append(f'  "{i}" -> "{p.name}"{edge};')
+    lines.append("}")
+    return "\n".join(lines)
 
 
 @app.command()
@@ -275,6 +298,11 @@ def stage_cmd(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML with the stage's settings (the stage section, or a pipeline config)."),
     sets: list[str] = typer.Option([], "--set", help="Override a setting: key=value (dotted keys, YAML values)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already holds an artifact."),
+    workers: int = typer.Option(
+        0, "--workers", "-w", min=0,
+        help="Worker processes for the units (0: one per CPU core). A single input shard is cut into row "
+        "ranges so that every worker has work; the output's rows are the same.",
+    ),
 ) -> None:
     """Run one stage on files outside any pipeline, with the pipeline's code."""
     import yaml
@@ -284,7 +312,8 @@ def stage_cmd(
     from flows.config import format_validation_error
     from tasks.artifacts import Artifact, StageStats, staging_for_directory
     from tasks.ingest import IngestStage
-    from tasks.stage import StageInputError, get_stage, run_stage
+    from tasks.stage import StageInputError, run_stage
+    from tasks.table import get_stage
 
     try:
         stage = get_stage(name)
@@ -340,17 +369,19 @@ def stage_cmd(
             staging = staging_for_directory(out_dir)
             staging.discard()  # `kiln stage` does not resume: it is the quick, explicit path
             fp = stg.fingerprint(c, [a.fingerprint for a in ins])
-            return run_stage(stg, c, ins, staging, fp, progress, on_plan=lambda n: bar.update(task_id, total=n))
+            return run_stage(stg, c, ins, staging, fp, progress, on_plan=lambda n: bar.update(task_id, total=n),
+                             workers=n_workers)
 
+        import tempfile
+
+        n_workers = workers or os.cpu_count() or 1
         try:
-            inputs_art: list[Artifact] = []
-            if loose_ingest:  # documents from loose files first, with ids kept, then the stage itself
-                import tempfile
-
-                tmp = tempfile.mkdtemp(prefix="kiln-stage-")
-                inputs_art = [runner(IngestStage(), ingest_cfg, [], os.path.join(tmp, "ingest"))]
-            inputs_art += [Artifact.open(p) for p in artifact_inputs]  # after the documents: a tokenizer goes last
-            art = runner(stage, cfg, inputs_art, output)
+            with tempfile.TemporaryDirectory(prefix="kiln-stage-") as tmp:
+                inputs_art: list[Artifact] = []
+                if loose_ingest:  # documents from loose files first, with ids kept, then the stage itself
+                    inputs_art = [runner(IngestStage(), ingest_cfg, [], os.path.join(tmp, "ingest"))]
+                inputs_art += [Artifact.open(p) for p in artifact_inputs]  # after the documents: a tokenizer goes last
+                art = runner(stage, cfg, inputs_art, output)
         except StageInputError as e:
             _fail(f"{name}.{e}")
     st: StageStats = art.stats

@@ -1,52 +1,33 @@
 """The pipeline config: one pydantic model composing every stage's config, loaded from YAML.
 
-The same model is the flows' parameter, so a Prefect deployment shows it as a validated form and the
-server refuses bad values before a run exists.
+Its sections come from the stage table (tasks/table.py): one optional section per stage kind, named
+after it, plus any number of further sections that say which kind they are (`sft: {kind: train}`),
+so a pipeline can hold several training runs, evaluations, rounds. The same model is the flows'
+parameter, so a Prefect deployment shows it as a validated form and the server refuses bad values
+before a run exists.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from tasks.clean import CleanConfig
-from tasks.crawl import CrawlConfig
-from tasks.dedup import DedupConfig
-from tasks.ingest import IngestConfig
-from tasks.langid import LangIdConfig
-from tasks.pack import PackConfig
-from tasks.tokenize import SftIngestConfig, SftTokenizeConfig, TokenizeConfig, TokenizerConfig
-from tasks.train.config import TrainConfig
-
-# The stages in pipeline order, each with what it reads:
-#   "docs"  -- the current documents: the output of the last enabled document stage before it, or else
-#              of every enabled source stage (their shards are read together);
-#   a name  -- that stage's output (the stage must be enabled).
-PIPELINE: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("crawl", ()),
-    ("ingest", ()),
-    ("clean", ("docs",)),
-    # dedup is map -> shuffle -> reduce -> filter, each phase its own artifact, all set by the `dedup` section
-    ("minhash", ("docs",)),
-    ("dedup_candidates", ("minhash",)),
-    ("dedup_clusters", ("dedup_candidates", "docs")),
-    ("dedup", ("docs", "dedup_clusters")),
-    ("langid", ("docs",)),
-    ("sft_ingest", ()),  # instruction data: not a source of plain documents
-    ("tokenizer", ("docs?",)),  # `?`: read when enabled (a loaded tokenizer needs no documents)
-    ("tokenize", ("docs", "tokenizer")),
-    ("sft_tokenize", ("sft_ingest", "tokenizer")),
-    ("pack", ("tokenize?", "sft_tokenize?")),
-    ("train", ("pack", "tokenizer?")),
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    model_validator,
 )
-SOURCE_STAGES = frozenset({"crawl", "ingest"})  # documents from outside the store
-DOCUMENT_STAGES = frozenset({"clean", "dedup", "langid"})  # documents in, documents out (filters)
-# Stages configured by another stage's section.
-CONFIG_SECTION = {"minhash": "dedup", "dedup_candidates": "dedup", "dedup_clusters": "dedup"}
-DATA_STAGES: tuple[str, ...] = tuple(name for name, _ in PIPELINE)
+
+from tasks.table import KIND_BY_NAME, KINDS, SECTION_KINDS
+
+SECTION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class StoreConfig(BaseModel):
@@ -78,30 +59,84 @@ class RuntimeConfig(BaseModel):
     )
 
 
-class PipelineConfig(BaseModel):
+def _section_kind(value: Any) -> str | None:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if kind in KIND_BY_NAME and KIND_BY_NAME[kind].has_section else None
+
+
+# A section whose name is not a kind's: validated as the kind its `kind:` names.
+InstanceSection = Annotated[
+    Union[tuple(Annotated[k.stage.Config, Tag(k.name)] for k in SECTION_KINDS)],  # noqa: UP007
+    Discriminator(
+        _section_kind,
+        custom_error_type="section_kind",
+        custom_error_message="unknown field: not a stage kind's section, and no `kind:` naming one "
+        f"({', '.join(k.name for k in SECTION_KINDS)}); check its spelling and indentation",
+    ),
+]
+
+_PipelineBase = create_model(
+    "_PipelineBase",
+    __config__=ConfigDict(extra="allow", title="Kiln pipeline"),
+    name=(str, Field("kiln", description="A name for this pipeline, shown in logs and reports.")),
+    store=(StoreConfig, Field(default_factory=StoreConfig)),
+    runtime=(RuntimeConfig, Field(default_factory=RuntimeConfig)),
+    **{k.name: (k.stage.Config | None, Field(None, description=k.summary)) for k in SECTION_KINDS},
+)
+
+
+def _instances_schema(schema: dict[str, Any]) -> None:
+    # The UI form shows the kinds' sections; further sections are plain objects there (checked by
+    # pydantic when the run starts), not a oneOf of every config, which a JSON-schema check could not
+    # tell apart.
+    schema["additionalProperties"] = {
+        "type": "object",
+        "description": "Another instance of a stage kind: `kind:` names it, the rest is that kind's settings.",
+        "required": ["kind"],
+        "properties": {"kind": {"enum": [k.name for k in SECTION_KINDS]}},
+    }
+
+
+class PipelineConfig(_PipelineBase):
     """A Kiln pipeline: which stages run, with what settings, storing artifacts where."""
 
-    model_config = ConfigDict(extra="forbid", title="Kiln pipeline")
+    model_config = ConfigDict(extra="allow", title="Kiln pipeline", json_schema_extra=_instances_schema)
+    __pydantic_extra__: dict[str, InstanceSection] = Field(init=False)
 
-    name: str = Field("kiln", description="A name for this pipeline, shown in logs and reports.")
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    crawl: CrawlConfig | None = Field(
-        None, description="Crawl web sites, read WARC files (Common Crawl) and source code trees into documents."
-    )
-    ingest: IngestConfig | None = Field(None, description="Read local files / datasets into documents.")
-    clean: CleanConfig | None = Field(None, description="Quality, repetition and length filters; normalisation.")
-    dedup: DedupConfig | None = Field(None, description="Exact and MinHash near-duplicate removal.")
-    langid: LangIdConfig | None = Field(None, description="fastText language identification and filtering.")
-    sft_ingest: SftIngestConfig | None = Field(None, description="Read instruction data (Alpaca / chat) into documents.")
-    tokenizer: TokenizerConfig | None = Field(None, description="Train a byte-level BPE on the documents, or load one.")
-    tokenize: TokenizeConfig | None = Field(None, description="Documents -> token ids.")
-    sft_tokenize: SftTokenizeConfig | None = Field(None, description="Instruction examples -> token ids, prompts masked.")
-    pack: PackConfig | None = Field(None, description="Token ids -> fixed-length training rows, train/validation split.")
-    train: TrainConfig | None = Field(None, description="DeepSpeed training on the packed dataset.")
+    @model_validator(mode="after")
+    def _sections_are_consistent(self) -> PipelineConfig:
+        for name, cfg in self.sections():
+            if name in KIND_BY_NAME:
+                if cfg.kind not in (None, name):
+                    raise ValueError(f"{name}.kind: the `{name}` section is the {name} stage; name another "
+                                     f"section for a {cfg.kind} stage")
+            elif not SECTION_NAME.match(name):
+                raise ValueError(f"{name}: a section name is lower case letters, digits and _, starting with a letter")
+        return self
 
-    def stage_config(self, name: str):
-        return getattr(self, CONFIG_SECTION.get(name, name))
+    def sections(self) -> list[tuple[str, Any]]:
+        """(section name, config) of every configured section, kinds' sections first in table order."""
+        out = [(k.name, getattr(self, k.name)) for k in SECTION_KINDS if getattr(self, k.name) is not None]
+        return out + list((self.__pydantic_extra__ or {}).items())
+
+    def section(self, name: str) -> Any:
+        if name in KIND_BY_NAME and KIND_BY_NAME[name].has_section:
+            return getattr(self, name)
+        return (self.__pydantic_extra__ or {}).get(name)
+
+    def section_kind(self, name: str) -> str | None:
+        if name in KIND_BY_NAME and KIND_BY_NAME[name].has_section:
+            return name
+        cfg = (self.__pydantic_extra__ or {}).get(name)
+        return cfg.kind if cfg is not None else None
+
+    def stage_config(self, name: str) -> Any:
+        """The config of a stage kind's own section (a phase's, for the dedup chain's phases)."""
+        k = KIND_BY_NAME.get(name)
+        return self.section(k.configured_by if k and k.configured_by else name)
+
+
+DATA_STAGES: tuple[str, ...] = tuple(k.name for k in KINDS)
 
 
 class ConfigError(ValueError):
@@ -109,6 +144,9 @@ class ConfigError(ValueError):
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
+    # An instance section's errors carry the kind as a tag after the section name: drop it.
+    if len(loc) > 1 and isinstance(loc[0], str) and loc[0] not in KIND_BY_NAME and loc[1] in KIND_BY_NAME:
+        loc = (loc[0], *loc[2:])
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -121,6 +159,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (not allowed here; check its spelling and indentation)"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"  {_loc(e['loc'])}: {msg}")
     return "\n".join(lines)
 

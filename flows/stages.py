@@ -26,10 +26,11 @@ from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from flows.plan import PlannedStage, store_for
 from flows.config import PipelineConfig, StoreConfig
+from flows.plan import PlannedStage, store_for
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.stage import finalizer, get_stage, manifest_header, run_unit
+from tasks.stage import commit_stage, plan_units, run_unit
+from tasks.table import get_stage
 
 
 def _store(store_cfg: dict[str, Any]) -> ArtifactStore:
@@ -37,26 +38,32 @@ def _store(store_cfg: dict[str, Any]) -> ArtifactStore:
     return ArtifactStore(s.root, s.shard_rows, s.shard_mb << 20)
 
 
-def cache_key(stage_name: str, fp: str, store_root: str) -> str:
+def cache_key(kind: str, fp: str, store_root: str) -> str:
     store_id = hashlib.sha256(_store({"root": store_root}).base.encode()).hexdigest()[:10]
-    return f"kiln-{stage_name}-{fp}-{store_id}"
+    return f"kiln-{kind}-{fp}-{store_id}"
+
+
+def _open_inputs(input_paths: list[str], slots: list[str] | None) -> list[Artifact]:
+    slots = slots or [None] * len(input_paths)
+    return [Artifact.open(p, slot) for p, slot in zip(input_paths, slots)]
 
 
 @task(name="stage-unit", task_run_name="{stage_name}[{index}]", persist_result=False)
 def stage_unit(
-    stage_name: str, cfg: dict[str, Any], input_paths: list[str], store_cfg: dict[str, Any], fp: str,
-    index: int, unit: dict[str, Any], n_units: int,
+    stage_name: str, kind: str, cfg: dict[str, Any], input_paths: list[str], slots: list[str],
+    store_cfg: dict[str, Any], fp: str, index: int, unit: dict[str, Any], n_units: int,
 ) -> dict[str, Any]:
-    stage = get_stage(stage_name)
+    stage = get_stage(kind)
     config = stage.Config.model_validate(cfg)
-    inputs = [Artifact.open(p) for p in input_paths]
-    staging = _store(store_cfg).staging(stage_name, fp)
+    inputs = _open_inputs(input_paths, slots)
+    staging = _store(store_cfg).staging(kind, fp)
     with _forward_stage_logs():
         result = run_unit(stage, config, inputs, staging, index, unit, on_progress=_unit_progress(stage_name, index))
     s = result["stats"]
     get_run_logger().info(
-        "%s unit %d/%d: %d rows in, %d kept, %d rejected %s",
+        "%s unit %d/%d: %d rows in, %d kept, %d rejected %s%s",
         stage_name, index + 1, n_units, s["rows_in"], s["rows_out"], s["rows_rejected"], s["rejected"] or "",
+        f" (copied from {result['reused_from']})" if result.get("reused_from") else "",
     )
     tables = result["tables"]
     return {"unit": index, "rows": tables["data"]["rows"], "rejects_rows": tables["rejects"]["rows"]}
@@ -73,7 +80,7 @@ def _unit_progress(stage_name: str, index: int):
         state["last"] = pct
         if state["id"] is None:
             state["id"] = create_progress_artifact(
-                progress=pct, key=f"{stage_name.replace('_', '-')}-unit-progress",
+                progress=pct, key=f"{stage_name.replace('_', '-').replace('.', '-')}-unit-progress",
                 description=f"{stage_name} unit {index}: {note}".strip(),
             )
         else:
@@ -135,27 +142,28 @@ def _stats_table(artifact: Artifact) -> list[dict[str, Any]]:
 @task(
     name="stage",
     task_run_name="{stage_name}",
-    cache_key_fn=lambda ctx, params: cache_key(params["stage_name"], params["fp"], params["store_cfg"]["root"]),
+    cache_key_fn=lambda ctx, params: cache_key(params["kind"], params["fp"], params["store_cfg"]["root"]),
     persist_result=True,
     result_serializer="json",
 )
 def stage_commit(
-    stage_name: str, cfg: dict[str, Any], input_paths: list[str], store_cfg: dict[str, Any], fp: str,
-    n_units: int, wall_seconds: float,
+    stage_name: str, kind: str, cfg: dict[str, Any], input_paths: list[str], slots: list[str],
+    store_cfg: dict[str, Any], fp: str, n_units: int, wall_seconds: float, replace: bool = False,
 ) -> dict[str, Any]:
-    stage = get_stage(stage_name)
+    """Commit the units into the artifact. `replace`: the units were recomputed on purpose (a refresh,
+    `--from`), so the new artifact replaces a committed one -- atomically -- instead of deferring to it."""
+    stage = get_stage(kind)
     config = stage.Config.model_validate(cfg)
     store = _store(store_cfg)
-    if store.is_committed(stage_name, fp):  # committed by an earlier run whose Prefect cache is gone
-        artifact = store.open(stage_name, fp)
+    staging = store.staging(kind, fp)
+    if store.is_committed(kind, fp) and not (replace and staging.unit_result(0) is not None):
+        artifact = store.open(kind, fp)  # committed by an earlier run whose Prefect cache is gone
     else:
-        inputs = [Artifact.open(p) for p in input_paths]
-        header = manifest_header(stage, config, inputs, fp)
-        header["wall_seconds"] = round(wall_seconds, 3)
-        artifact = store.staging(stage_name, fp).commit(header, n_units, finalizer(stage, config, inputs))
+        artifact = commit_stage(stage, config, _open_inputs(input_paths, slots), staging, fp, n_units, wall_seconds)
     st = artifact.manifest["stats"]
+    key = stage_name.replace("_", "-").replace(".", "-")
     create_table_artifact(
-        key=f"{stage_name.replace('_', '-')}-stats",
+        key=f"{key}-stats",
         table=_stats_table(artifact),
         description=f"**{stage_name}** `{fp}`: {st['rows_in']} rows in, {st['rows_out']} kept, "
         f"{st['rows_rejected']} rejected",
@@ -169,10 +177,10 @@ def stage_commit(
     for table_name in getattr(stage, "report_tables", ()):  # e.g. the crawl's per-host report
         rows = artifact.read_table(table=table_name).to_pylist() if artifact.table_rows(table_name) else []
         if rows:
-            create_table_artifact(key=f"{stage_name.replace('_', '-')}-{table_name}-table", table=rows,
+            create_table_artifact(key=f"{key}-{table_name.replace('_', '-')}-table", table=rows,
                                   description=f"**{stage_name}** {table_name}: one row per source and host")
     create_markdown_artifact(
-        key=f"{stage_name.replace('_', '-')}-report",
+        key=f"{key}-report",
         markdown=markdown,
         description=f"{stage_name}: stats, rejects by reason, samples of kept and dropped rows",
     )
@@ -218,7 +226,8 @@ def _follow(stage_name: str, futures: Any, n_units: int) -> None:
     if n_units < 2:
         return
     progress_id = create_progress_artifact(
-        progress=0.0, key=f"{stage_name.replace('_', '-')}-progress", description=f"{stage_name}: units finished"
+        progress=0.0, key=f"{stage_name.replace('_', '-').replace('.', '-')}-progress",
+        description=f"{stage_name}: units finished",
     )
     done = 0
     for _ in as_completed(futures):
@@ -237,24 +246,24 @@ def run_planned_stage(
     cfg = p.cfg.model_dump(mode="json")
     input_paths = [r["path"] for r in input_refs]
     retry = dict(retries=p.cfg.retries, retry_delay_seconds=exponential_backoff(p.cfg.retry_delay_seconds))
-    committed = store.is_committed(p.name, p.fingerprint)
+    committed = store.is_committed(p.kind, p.fingerprint)
     t0 = time.perf_counter()
     n_units = 0
+    common = dict(stage_name=p.name, kind=p.kind, cfg=cfg, input_paths=input_paths, slots=p.slots,
+                  store_cfg=store_cfg, fp=p.fingerprint)
     if refresh or not committed:
-        staging = store.staging(p.name, p.fingerprint)
+        staging = store.staging(p.kind, p.fingerprint)
         if refresh:
             staging.recompute_all()
-        units = p.stage.plan([Artifact.open(x) for x in input_paths], p.cfg)
+        units = plan_units(p.stage, _open_inputs(input_paths, p.slots), p.cfg, config.runtime.workers)
         n_units = len(units)
         futures = stage_unit.with_options(**retry).map(
-            stage_name=unmapped(p.name), cfg=unmapped(cfg), input_paths=unmapped(input_paths),
-            store_cfg=unmapped(store_cfg), fp=unmapped(p.fingerprint),
+            **{k: unmapped(v) for k, v in common.items()},
             index=list(range(n_units)), unit=units, n_units=unmapped(n_units),
         )
         _follow(p.name, futures, n_units)
         futures.result()  # raises the first failed unit's error
     ref = stage_commit.with_options(refresh_cache=refresh or not committed, **retry)(
-        stage_name=p.name, cfg=cfg, input_paths=input_paths, store_cfg=store_cfg, fp=p.fingerprint,
-        n_units=n_units, wall_seconds=time.perf_counter() - t0,
+        **common, n_units=n_units, wall_seconds=time.perf_counter() - t0, replace=refresh,
     )
     return {**ref, "cached": committed and not refresh}

@@ -1,4 +1,4 @@
-"""The document schema every data stage reads and writes, and the schema of rejected rows."""
+"""The document schema every data stage reads and writes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pyarrow as pa
+
+from tasks.artifacts.write import MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, RowBatcher
 
 DOCUMENT_SCHEMA = pa.schema(
     [
@@ -18,23 +20,12 @@ DOCUMENT_SCHEMA = pa.schema(
         pa.field("meta", pa.string()),  # a JSON object, as a string
     ]
 )
+DOCUMENT_FIELDS = tuple(DOCUMENT_SCHEMA.names)
 
-# A rejected row keeps whatever could be recovered of the document plus why it was dropped.
-REJECT_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string()),
-        pa.field("text", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("url", pa.string()),
-        pa.field("lang", pa.string()),
-        pa.field("meta", pa.string()),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("detail", pa.string()),
-    ]
-)
+__all__ = ["DOCUMENT_FIELDS", "DOCUMENT_SCHEMA", "MAX_REJECT_TEXT_CHARS", "REJECT_SCHEMA", "DocumentBatcher",
+           "meta_json", "parse_meta", "stable_id"]
 
-# Rejected raw input is kept for inspection, but a 50 MB garbage line should not be copied whole.
-MAX_REJECT_TEXT_CHARS = 65_536
+DocumentBatcher = RowBatcher  # documents are rows of DOCUMENT_SCHEMA
 
 
 def stable_id(*parts: str) -> str:
@@ -47,25 +38,13 @@ def meta_json(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
 
 
-class DocumentBatcher:
-    """Accumulates documents (or rejects) as columns and hands out Arrow batches of a bounded size."""
-
-    def __init__(self, schema: pa.Schema, batch_rows: int = 2048):
-        self.schema = schema
-        self.batch_rows = batch_rows
-        self._cols: dict[str, list] = {name: [] for name in schema.names}
-
-    def __len__(self) -> int:
-        return len(self._cols[self.schema.names[0]])
-
-    def add(self, **row: Any) -> pa.RecordBatch | None:
-        for name in self.schema.names:
-            self._cols[name].append(row.get(name))
-        return self.flush() if len(self) >= self.batch_rows else None
-
-    def flush(self) -> pa.RecordBatch | None:
-        if not len(self):
-            return None
-        batch = pa.RecordBatch.from_pydict(self._cols, schema=self.schema)
-        self._cols = {name: [] for name in self.schema.names}
-        return batch
+def parse_meta(raw: Any) -> dict[str, Any]:
+    """A document's meta as a dict ({} when absent or not a JSON object; the raw value under `_meta`
+    when it is JSON of another type or not JSON at all)."""
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (TypeError, ValueError):
+        return {"_meta": raw}
+    return meta if isinstance(meta, dict) else {"_meta": meta}

@@ -55,10 +55,9 @@ def _write_units(store: ArtifactStore, fp: str, units: list[int]) -> None:
     for u in units:
         w = staging.begin_unit(u)
         w.write(docs(10, start=u * 10))
-        stats = StageStats(rows_in=11, rows_out=10)
-        stats.reject("too_short")
-        w.reject(pa.RecordBatch.from_pydict({"id": ["x"], "text": [""], "reason": ["too_short"]}))
-        staging.finish_unit(u, w, stats)
+        w.stats.rows_in = 11
+        w.reject("too_short", "", id="x", text="")
+        staging.finish_unit(u, w)
 
 
 def test_commit_is_atomic_and_manifest_counts(tmp_path):
@@ -154,14 +153,16 @@ def test_named_tables_scratch_and_finalize(tmp_path):
             f.write("[]")
         w.write(docs(3, start=u * 3))
         w.table("validation").write(docs(1, start=100 + u))
-        staging.finish_unit(u, w, StageStats(rows_in=4, rows_out=4))
+        w.stats.rows_in, w.stats.rows_out = 4, 4
+        staging.finish_unit(u, w)
     # a restarted unit keeps its scratch but loses its partial shards, in every table
     w = staging.begin_unit(1)
     assert os.path.exists(os.path.join(w.scratch, "frontier.json"))
     assert not os.path.exists(os.path.join(staging.dir, "validation", "part-00001-0000.parquet"))
     w.write(docs(3, start=3))
     w.table("validation").write(docs(1, start=101))
-    staging.finish_unit(1, w, StageStats(rows_in=4, rows_out=4))
+    w.stats.rows_in, w.stats.rows_out = 4, 4
+    staging.finish_unit(1, w)
 
     def finalize(directory, fs):
         with open(os.path.join(directory, "extra.txt"), "w") as f:

@@ -69,14 +69,15 @@ def test_every_content_field_changes_the_fingerprint_and_execution_fields_do_not
     fp = stage.fingerprint(base, [])
     changes = {
         "format": "jsonl", "text_extensions": [".txt"], "text_field": "body", "id_field": "key",
-        "url_field": "link", "lang_field": "language", "source": "label",
+        "url_field": "link", "lang_field": "language", "source": "label", "csv_delimiter": ";",
     }
-    content_fields = set(IngestConfig.model_fields) - IngestConfig.execution_fields - {"paths"}
+    content_fields = set(IngestConfig.model_fields) - IngestConfig.execution_fields - IngestConfig.wiring_fields - {"paths"}
     assert set(changes) == content_fields, "a new config field needs a fingerprint test"
     for k, v in changes.items():
         assert stage.fingerprint(base.model_copy(update={k: v}), []) != fp, k
     assert stage.fingerprint(base, ["upstream"]) != fp
-    for k, v in {"retries": 9, "retry_delay_seconds": 1.0, "batch_rows": 7, "unit_mb": 1, "unit_files": 2}.items():
+    for k, v in {"retries": 9, "retry_delay_seconds": 1.0, "batch_rows": 7, "unit_mb": 1, "unit_files": 2,
+                 "kind": "ingest", "inputs": {"docs": "x"}}.items():
         assert stage.fingerprint(base.model_copy(update={k: v}), []) == fp, k
 
 
@@ -92,6 +93,7 @@ def test_select_flags(tmp_path, corpus):
 
 def test_pipeline_config_json_schema_for_deployments():
     schema = PipelineConfig.model_json_schema()
-    assert schema["additionalProperties"] is False
+    # further sections are allowed as objects (each must name its kind; pydantic checks them fully)
+    assert schema["additionalProperties"]["type"] == "object" and schema["additionalProperties"]["required"] == ["kind"]
     ingest = schema["$defs"]["IngestConfig"]
     assert ingest["additionalProperties"] is False and "description" in ingest["properties"]["paths"]

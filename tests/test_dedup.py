@@ -183,7 +183,7 @@ def test_dask_local_cluster_keeps_same_ids(planted, tmp_path):
     """Units of every phase run on Dask workers give the one-process result."""
     from distributed import Client, LocalCluster
 
-    from tasks.stage import manifest_header, run_unit, finalizer
+    from tasks.stage import commit_stage, run_unit
 
     store, docs, _base, _copies = planted
     one_process, _ = _chain(store, docs)
@@ -196,7 +196,7 @@ def test_dask_local_cluster_keeps_same_ids(planted, tmp_path):
         staging = dstore.staging(stage.name, fp)
         futures = [client.submit(run_unit, stage, cfg, inputs, staging, i, u, pure=False) for i, u in enumerate(units)]
         client.gather(futures)
-        return staging.commit(manifest_header(stage, cfg, inputs, fp), len(units), finalizer(stage, cfg, inputs))
+        return commit_stage(stage, cfg, inputs, staging, fp, len(units))
 
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
                       processes=True) as cluster, Client(cluster) as client:

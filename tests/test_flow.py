@@ -11,10 +11,11 @@ import pytest
 
 from flows.config import PipelineConfig
 from flows.pipeline import pipeline
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats
+from tasks.artifacts import Artifact, ArtifactWriter, read_unit
 from tasks.documents import DOCUMENT_SCHEMA
 from tasks.ingest import IngestConfig
-from tasks.stage import Stage, StageConfig, register_stage
+from tasks.stage import Stage, StageConfig
+from tasks.table import register_stage
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -97,18 +98,15 @@ class FlakyStage(Stage):
     Config = FlakyConfig
     output_schema = DOCUMENT_SCHEMA
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: FlakyConfig, out: ArtifactWriter) -> StageStats:
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: FlakyConfig, out: ArtifactWriter) -> None:
         os.makedirs(cfg.marker_dir, exist_ok=True)
         calls = os.path.join(cfg.marker_dir, f"unit-{unit['shard']}")
         with open(calls, "a") as f:
             f.write("x")
         if unit["shard"] == cfg.fail_unit and os.path.getsize(calls) <= cfg.failures:
             raise RuntimeError(f"planted failure in unit {unit['shard']}")
-        art = inputs[unit["input"]]
-        with art.fs.open(art.shards()[unit["shard"]], "rb") as f:
-            table = pa.parquet.read_table(f)
-        out.write(table)
-        return StageStats(rows_in=table.num_rows, rows_out=table.num_rows)
+        for batch in read_unit(inputs[unit["input"]], unit, stats=out.stats):
+            out.write(batch)
 
 
 def run_flaky(tmp_path, corpus, **flaky):
@@ -122,7 +120,8 @@ def run_flaky(tmp_path, corpus, **flaky):
     ingest = plan_pipeline(cfg)[0]
     fcfg = FlakyConfig(marker_dir=str(tmp_path / "calls"), **flaky)
     fp = FlakyStage().fingerprint(fcfg, [ingest.fingerprint])
-    planned = PlannedStage("flaky_copy", FlakyStage(), fcfg, ["ingest"], fp, store_for(cfg).path("flaky_copy", fp), False)
+    planned = PlannedStage("flaky_copy", "flaky_copy", "flaky_copy", FlakyStage(), fcfg, ["ingest"], ["docs"], fp,
+                           store_for(cfg).path("flaky_copy", fp), False)
 
     @flow
     def two_stages():

@@ -14,14 +14,12 @@ from pydantic import ValidationError
 
 from conftest import write_jsonl
 from tasks.artifacts import ArtifactStore
-from tasks.ingest import IngestConfig, IngestStage
+from tasks.ingest import IngestConfig, IngestStage, SftIngestConfig, SftIngestStage
 from tasks.pack import MixtureComponent, PackConfig, PackStage
 from tasks.pack.binpack import pack_best_fit_decreasing, pack_concat
 from tasks.pack.mixture import MixturePart, sampling_rates
 from tasks.stage import StageInputError, run_in_store
 from tasks.tokenize import (
-    SftIngestConfig,
-    SftIngestStage,
     TokenizeConfig,
     TokenizerConfig,
     TokenizerStage,

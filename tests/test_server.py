@@ -63,7 +63,9 @@ def test_deployment_parameters_schema_is_the_pipeline_config(prefect_server, ser
     schema = d["parameter_openapi_schema"]
     assert "config" in schema["properties"] and "config" in schema.get("required", [])
     defs = schema.get("definitions") or schema.get("$defs")
-    assert defs["PipelineConfig"]["additionalProperties"] is False
+    # a section that is not a kind's own must name its kind: a misspelt section is refused by the server
+    extra = defs["PipelineConfig"]["additionalProperties"]
+    assert extra["required"] == ["kind"] and "train" in extra["properties"]["kind"]["enum"]
     assert defs["IngestConfig"]["properties"]["paths"]["description"]
 
 
@@ -119,6 +121,10 @@ def test_bad_parameter_refused_naming_the_field(prefect_server, served):
     bad["store"]["shard_rows"] = "many"
     r = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": bad}})
     assert r.status_code == 409 and "shard_rows" in r.text
+    bad = small_config("/tmp/x", served["corpus"])
+    bad["ingset"] = bad.pop("ingest")  # a misspelt section: not a kind, and no `kind:`
+    r = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": bad}})
+    assert r.status_code == 409 and "kind" in r.text
 
 
 def test_artifacts_readable_through_the_api(prefect_server, served):

@@ -12,14 +12,12 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import write_jsonl
-from tasks.artifacts import Artifact, ArtifactStore, StageStats
+from tasks.artifacts import Artifact, ArtifactStore
 from tasks.documents import DOCUMENT_SCHEMA
-from tasks.ingest import IngestConfig, IngestStage
+from tasks.ingest import IngestConfig, IngestStage, SftIngestConfig, SftIngestStage
 from tasks.stage import StageInputError, run_in_store
 from tasks.tokenize import (
     IGNORE_INDEX,
-    SftIngestConfig,
-    SftIngestStage,
     TokenizeConfig,
     TokenizerConfig,
     TokenizerStage,
@@ -45,7 +43,8 @@ def make_docs(store: ArtifactStore, rows: list[dict], name: str = "docs") -> Art
     staging = store.staging(name, fp)
     writer = staging.begin_unit(0)
     writer.write(batch)
-    staging.finish_unit(0, writer, StageStats(rows_in=len(rows), rows_out=len(rows)))
+    writer.stats.rows_in = len(rows)
+    staging.finish_unit(0, writer)
     return staging.commit({"stage": name, "stage_version": 1, "fingerprint": fp, "config": {}, "inputs": []}, 1)
 
 
@@ -324,14 +323,11 @@ def test_sft_tokenize_rejects_bad_meta(base, tmp_path):
         run_in_store(TokenizeStage(), TokenizeConfig(format="sft", template="chat"), [docs, plain], store)
 
 
-def test_kiln_stage_cli_runs_tokenizer_and_tokenize(tmp_path, monkeypatch):
+def test_kiln_stage_cli_runs_tokenizer_and_tokenize(tmp_path):
     from typer.testing import CliRunner
 
-    import tasks.stage
     from flows.cli import app
 
-    monkeypatch.setitem(tasks.stage._REGISTERED, "tokenizer", TokenizerStage())
-    monkeypatch.setitem(tasks.stage._REGISTERED, "tokenize", TokenizeStage())
     runner = CliRunner()
     r = runner.invoke(app, ["stage", "tokenizer", "-i", DOCSTRINGS, "-o", str(tmp_path / "tok"), "--set", "vocab_size=400"],
                       catch_exceptions=False)
@@ -350,7 +346,7 @@ def test_units_run_in_parallel_threads_give_the_same_artifact(base, tmp_path):
     """As Prefect's thread pool runs them: units at once in one process, sharing the loaded tokenizer."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.stage import finalizer, manifest_header, run_unit
+    from tasks.stage import commit_stage, run_unit
 
     small = ArtifactStore(str(tmp_path / "small"), shard_rows=10)  # several shards, so several units
     docs = run_in_store(IngestStage(), IngestConfig(paths=[DOCSTRINGS]), [], small)
@@ -362,7 +358,6 @@ def test_units_run_in_parallel_threads_give_the_same_artifact(base, tmp_path):
     staging = store.staging(stage.name, sequential.fingerprint)
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda iu: run_unit(stage, cfg, inputs, staging, iu[0], iu[1]), enumerate(units)))
-    header = manifest_header(stage, cfg, inputs, sequential.fingerprint)
-    parallel = staging.commit(header, len(units), finalizer(stage, cfg, inputs))
+    parallel = commit_stage(stage, cfg, inputs, staging, sequential.fingerprint, len(units))
     assert parallel.read_table().equals(sequential.read_table())
     assert parallel.manifest["tokens"] == sequential.manifest["tokens"]

@@ -8,12 +8,11 @@ Every dropped document is a reject with "<filter>:<rule>"; every edit is counted
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats
+from tasks.artifacts import Artifact, ArtifactWriter, read_unit
 from tasks.clean.filters import (
     C4Config,
     C4Filter,
@@ -33,7 +32,7 @@ from tasks.clean.filters import (
     Normaliser,
     RepetitionConfig,
 )
-from tasks.documents import DOCUMENT_SCHEMA, MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, DocumentBatcher
+from tasks.documents import DOCUMENT_SCHEMA, DocumentBatcher, parse_meta
 from tasks.stage import Stage, StageConfig
 
 
@@ -120,48 +119,25 @@ class CleanStage(Stage):
     name = "clean"
     version = 1
     Config = CleanConfig
+    balanced = True
+    splittable = True
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: CleanConfig, out: ArtifactWriter) -> StageStats:
-        stats = StageStats()
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: CleanConfig, out: ArtifactWriter) -> None:
         cleaner = DocumentCleaner(cfg)
         counts: dict[str, int] = {}
         docs = DocumentBatcher(DOCUMENT_SCHEMA, cfg.batch_rows)
-        rejects = DocumentBatcher(REJECT_SCHEMA, cfg.batch_rows)
-        artifact = inputs[unit["input"]]
-        path = artifact.shards()[unit["shard"]]
-        import pyarrow.parquet as pq
-
-        with artifact.fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
-                for row in batch.to_pylist():
-                    stats.rows_in += 1
-                    text = row.get("text")
-                    if not isinstance(text, str):
-                        self._reject(out, rejects, stats, row, "", ("clean:no_text", "text is missing"))
-                        continue
-                    stats.bytes_in += len(text)
-                    try:
-                        meta = json.loads(row["meta"]) if row.get("meta") else {}
-                        meta = meta if isinstance(meta, dict) else {}
-                    except (TypeError, ValueError):
-                        meta = {}
-                    new, verdict = cleaner.clean(text, _is_code(meta, row.get("source"), cfg.code_detection), counts)
-                    if verdict:
-                        self._reject(out, rejects, stats, row, text, verdict)
-                        continue
-                    stats.rows_out += 1
-                    out.write(docs.add(**{**row, "text": new}))
+        for batch in read_unit(inputs[unit["input"]], unit, batch_rows=256, stats=out.stats):
+            for row in batch.to_pylist():
+                text = row.get("text")
+                if not isinstance(text, str):
+                    out.reject("clean:no_text", "text is missing", **{**row, "text": ""})
+                    continue
+                is_code = _is_code(parse_meta(row.get("meta")), row.get("source"), cfg.code_detection)
+                new, verdict = cleaner.clean(text, is_code, counts)
+                if verdict:
+                    out.reject(*verdict, **{**row, "text": text})
+                    continue
+                out.write(docs.add(**{**row, "text": new}))
         out.write(docs.flush())
-        out.reject(rejects.flush())
-        stats.extra.update(counts)
-        return stats
-
-    @staticmethod
-    def _reject(out: ArtifactWriter, rejects: DocumentBatcher, stats: StageStats, row: dict[str, Any], text: str,
-                verdict: tuple[str, str]) -> None:
-        reason, detail = verdict
-        stats.reject(reason)
-        if len(text) > MAX_REJECT_TEXT_CHARS:
-            detail = f"{detail} (text truncated from {len(text)} chars)"
-            text = text[:MAX_REJECT_TEXT_CHARS]
-        out.reject(rejects.add(**{**row, "text": text, "reason": reason, "detail": detail}))
+        for key, n in counts.items():
+            out.count(key, n)

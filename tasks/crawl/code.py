@@ -18,10 +18,10 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from tasks.artifacts import ArtifactWriter, StageStats
+from tasks.artifacts import ArtifactWriter
 from tasks.crawl.config import CodeSource
 from tasks.crawl.report import CrawlReport
-from tasks.documents import DOCUMENT_SCHEMA, REJECT_SCHEMA, DocumentBatcher, meta_json, stable_id
+from tasks.documents import DOCUMENT_SCHEMA, DocumentBatcher, meta_json, stable_id
 from tasks.stage import StageInputError
 
 GIT_TIMEOUT = 600
@@ -305,9 +305,9 @@ def _check(data: bytes, rel: str, src: CodeSource) -> tuple[str, str] | None:
 
 
 def ingest_code(
-    src: CodeSource, unit: dict[str, Any], label: str, out: ArtifactWriter, stats: StageStats, report: CrawlReport,
-    batch_rows: int,
+    src: CodeSource, unit: dict[str, Any], label: str, out: ArtifactWriter, report: CrawlReport, batch_rows: int,
 ) -> None:
+    stats = out.stats
     tmp = None
     try:
         if src.git_url:
@@ -329,16 +329,13 @@ def ingest_code(
         files, vendored = list_files(root, src, in_git)
         default_license = src.license or repo_license(root)
         docs = DocumentBatcher(DOCUMENT_SCHEMA, batch_rows)
-        rejects = DocumentBatcher(REJECT_SCHEMA, batch_rows)
 
         def reject(rel: str, reason: str, detail: str, nbytes: int | None) -> None:
             stats.rows_in += 1
-            stats.reject(reason)
             report.row(label, reason)
             meta = {"repo": repo, "path": rel, "commit": commit, "bytes": nbytes}
-            out.reject(rejects.add(id=stable_id(label, rel), text=None, source=label, url=None, lang=None,
-                                   meta=meta_json({k: v for k, v in meta.items() if v is not None}),
-                                   reason=reason, detail=detail))
+            out.reject(reason, detail, id=stable_id(label, rel), source=label,
+                       meta=meta_json({k: v for k, v in meta.items() if v is not None}))
 
         for d in vendored:
             reject(d + "/", "vendored", "directory skipped as vendored or generated", None)
@@ -374,13 +371,11 @@ def ingest_code(
             meta = {"repo": repo, "path": rel, "language": language_of(rel, data[:256]), "license": license_id,
                     "commit": commit, "bytes": len(data), "lines": text.count("\n") + (not text.endswith("\n"))}
             stats.rows_in += 1
-            stats.rows_out += 1
             report.row(label, None)
             out.write(docs.add(id=stable_id(label, rel), text=text, source=label, url=None, lang=None,
                                meta=meta_json(meta)))
         out.write(docs.flush())
-        out.reject(rejects.flush())
-        stats.extra["code_files"] = stats.extra.get("code_files", 0) + len(files)
+        out.count("code_files", len(files))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from typing import Any, ClassVar
 
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats, fingerprint
+from tasks.artifacts import Artifact, ArtifactWriter, fingerprint
 from tasks.crawl.code import ingest_code, public_url, remote_commit, tree_identity
 from tasks.crawl.config import CodeSource, CrawlConfig, WarcSource, WebSource
 from tasks.crawl.extract import Extractor
@@ -69,6 +69,8 @@ class CrawlStage(Stage):
     version = 1
     Config = CrawlConfig
     report_tables: ClassVar[tuple[str, ...]] = (REPORT_TABLE,)
+    balanced = True
+    unique_ids = True
 
     def sources(self, cfg: CrawlConfig) -> list[dict[str, Any]]:
         _check_labels(cfg)
@@ -113,10 +115,9 @@ class CrawlStage(Stage):
         return fingerprint("crawl.unit", self.version, {"source": src.fingerprint_config(), "label": source_label(src),
                                                         "unit": own}, sources=identity)
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: CrawlConfig, out: ArtifactWriter) -> StageStats:
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: CrawlConfig, out: ArtifactWriter) -> None:
         src = cfg.sources[unit["source"]]
         label = source_label(src)
-        stats = StageStats()
         report = CrawlReport(label)
         with Extractor(cfg.extraction_processes()) as extractor:
             if isinstance(src, WebSource):
@@ -125,16 +126,15 @@ class CrawlStage(Stage):
                 tmp = None if out.scratch else tempfile.mkdtemp(prefix="kiln-crawl-")
                 try:
                     journal = os.path.join(out.scratch or tmp, "web-journal.jsonl")
-                    crawl_web(src, label, journal, extractor, out, stats, report, cfg.batch_rows)
+                    crawl_web(src, label, journal, extractor, out, report, cfg.batch_rows)
                 finally:
                     if tmp:
                         shutil.rmtree(tmp, ignore_errors=True)
                 totals = report.totals()
-                stats.extra["web_requests"] = totals["requests"]
-                stats.extra["web_hosts"] = totals["hosts"]
+                out.stats.extra["web_requests"] = totals["requests"]
+                out.stats.extra["web_hosts"] = totals["hosts"]
             elif isinstance(src, WarcSource):
-                ingest_warc(unit["file"], src, label, extractor, out, stats, report, cfg.batch_rows)
+                ingest_warc(unit["file"], src, label, extractor, out, report, cfg.batch_rows)
             else:
-                ingest_code(src, unit, label, out, stats, report, cfg.batch_rows)
+                ingest_code(src, unit, label, out, report, cfg.batch_rows)
         out.table(REPORT_TABLE).write(report.table())
-        return stats

@@ -17,12 +17,12 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from warcio.archiveiterator import ArchiveIterator
 
-from tasks.artifacts import ArtifactWriter, StageStats
+from tasks.artifacts import ArtifactWriter
 from tasks.crawl.config import WarcSource
 from tasks.crawl.extract import Extractor, parse_content_type
 from tasks.crawl.report import CrawlReport
 from tasks.crawl.urls import host_of, normalize_url
-from tasks.documents import DOCUMENT_SCHEMA, REJECT_SCHEMA, DocumentBatcher, meta_json, stable_id
+from tasks.documents import DOCUMENT_SCHEMA, DocumentBatcher, meta_json, stable_id
 from tasks.stage import StageInputError
 
 WARC_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz", ".wet", ".wet.gz")
@@ -181,12 +181,12 @@ def iter_warc(f: Any, max_bytes: int, check_digests: bool = True) -> Iterator[di
 
 def ingest_warc(
     file: dict[str, Any], src: WarcSource, label: str, extractor: Extractor, out: ArtifactWriter,
-    stats: StageStats, report: CrawlReport, batch_rows: int,
+    report: CrawlReport, batch_rows: int,
 ) -> None:
     include = [re.compile(p) for p in src.include]
     exclude = [re.compile(p) for p in src.exclude]
+    stats = out.stats
     docs = DocumentBatcher(DOCUMENT_SCHEMA, batch_rows)
-    rejects = DocumentBatcher(REJECT_SCHEMA, batch_rows)
     path = file["path"]
     pending: list[dict[str, Any]] = []  # records waiting for extraction, in file order
     pending_bytes = 0
@@ -194,15 +194,11 @@ def ingest_warc(
     def reject(item: dict[str, Any], reason: str, detail: str | None) -> None:
         url = item.get("uri")
         stats.rows_in += 1
-        stats.reject(reason)
         report.row(host_of(url) if url else "", reason)
         meta = {"warc_file": path, "warc_offset": item["offset"], "warc_record_id": item.get("record_id"),
                 "warc_type": item.get("type"), "status": item.get("status")}
-        out.reject(rejects.add(
-            id=stable_id(label, item.get("record_id") or f"{path}@{item['offset']}"), text=None, source=label,
-            url=url, lang=None, meta=meta_json({k: v for k, v in meta.items() if v is not None}),
-            reason=reason, detail=detail,
-        ))
+        out.reject(reason, detail, id=stable_id(label, item.get("record_id") or f"{path}@{item['offset']}"),
+                   source=label, url=url, meta=meta_json({k: v for k, v in meta.items() if v is not None}))
 
     def flush_pending() -> None:
         nonlocal pending, pending_bytes
@@ -222,7 +218,6 @@ def ingest_warc(
                         "content_type": item["media_type"], "encoding": page["encoding"], "warc_file": path,
                         "warc_offset": item["offset"], "warc_record_id": item["record_id"], "warc_type": item["type"]}
                 stats.rows_in += 1
-                stats.rows_out += 1
                 report.row(host_of(url) if url else "", None)
                 out.write(docs.add(
                     id=stable_id(label, item["record_id"] or f"{path}@{item['offset']}"), text=page["text"],
@@ -275,8 +270,7 @@ def ingest_warc(
                 flush_pending()
     flush_pending()
     out.write(docs.flush())
-    out.reject(rejects.flush())
     stats.bytes_in += file["size"]
-    stats.extra["warc_files"] = stats.extra.get("warc_files", 0) + 1
-    stats.extra["warc_records"] = stats.extra.get("warc_records", 0) + records
-    stats.extra["warc_other_records"] = stats.extra.get("warc_other_records", 0) + other
+    out.count("warc_files")
+    out.count("warc_records", records)
+    out.count("warc_other_records", other)

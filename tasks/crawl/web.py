@@ -30,13 +30,13 @@ import certifi
 import httpx
 from protego import Protego
 
-from tasks.artifacts import ArtifactWriter, StageStats
+from tasks.artifacts import ArtifactWriter
 from tasks.crawl.config import WebSource
 from tasks.crawl.extract import Extractor, parse_content_type
 from tasks.crawl.journal import Journal
 from tasks.crawl.report import CrawlReport
 from tasks.crawl.urls import CRAWLABLE_SCHEMES, Scope, address_problem, host_of, normalize_url, origin_of, scheme_of
-from tasks.documents import DOCUMENT_SCHEMA, REJECT_SCHEMA, DocumentBatcher, meta_json, stable_id
+from tasks.documents import DOCUMENT_SCHEMA, DocumentBatcher, meta_json, stable_id
 
 log = logging.getLogger("kiln.crawl")
 
@@ -525,14 +525,14 @@ class WebCrawler:
 # --------------------------------------------------------------------------------------------- output
 
 
-def emit_journal(journal: Journal, label: str, out: ArtifactWriter, stats: StageStats, report: CrawlReport,
-                 batch_rows: int) -> None:
+def emit_journal(journal: Journal, label: str, out: ArtifactWriter, report: CrawlReport, batch_rows: int) -> None:
     """Write the crawl's documents and rejects, each sorted by URL, from the journal alone.
 
     One pass indexes the journal (no text kept); documents are then read back by offset in URL order.
     A final URL reached from several requested URLs (redirects) is kept once: preferably from the
     URL that is itself the final one, else from the smallest requested URL.
     """
+    stats = out.stats
     pages: list[tuple[str, int, dict[str, Any]]] = []
     skipped: list[tuple[str, str, str, str | None, int]] = []
     for offset, rec in journal.load():
@@ -572,7 +572,6 @@ def emit_journal(journal: Journal, label: str, out: ArtifactWriter, stats: Stage
             meta["requested_url"] = url
             meta["redirects"] = [h["url"] for h in rec["hops"]]
         stats.rows_in += 1
-        stats.rows_out += 1
         report.row(host_of(url), None)
         out.write(docs.add(id=stable_id(label, final), text=text, source=label, url=final, lang=None,
                            meta=meta_json(meta)))
@@ -594,19 +593,15 @@ def emit_journal(journal: Journal, label: str, out: ArtifactWriter, stats: Stage
     for url, reason, detail, parent, depth in skipped:
         rows.append((url, reason, detail, {"depth": depth, "linked_from": parent}))
 
-    rejects = DocumentBatcher(REJECT_SCHEMA, batch_rows)
     for url, reason, detail, meta in sorted(rows, key=lambda r: r[0]):
         stats.rows_in += 1
-        stats.reject(reason)
         report.row(host_of(url) if scheme_of(url) in CRAWLABLE_SCHEMES else "", reason)
-        out.reject(rejects.add(id=stable_id(label, url), text=None, source=label, url=url, lang=None,
-                               meta=meta_json({k: v for k, v in meta.items() if v is not None}),
-                               reason=reason, detail=detail))
-    out.reject(rejects.flush())
+        out.reject(reason, detail, id=stable_id(label, url), source=label, url=url,
+                   meta=meta_json({k: v for k, v in meta.items() if v is not None}))
 
 
 def crawl_web(src: WebSource, label: str, journal_path: str, extractor: Extractor, out: ArtifactWriter,
-              stats: StageStats, report: CrawlReport, batch_rows: int) -> None:
+              report: CrawlReport, batch_rows: int) -> None:
     journal = Journal(journal_path)
     try:
         crawler = WebCrawler(src, label, journal, extractor)
@@ -615,11 +610,11 @@ def crawl_web(src: WebSource, label: str, journal_path: str, extractor: Extracto
             log.info("%s: resuming at depth %d with %d page(s) journaled", label, crawler.depth, crawler.resumed_pages)
         t0 = time.perf_counter()
         run_async(crawler.run())
-        stats.extra["web_crawl_seconds"] = round(stats.extra.get("web_crawl_seconds", 0) + time.perf_counter() - t0, 3)
+        out.count("web_crawl_seconds", round(time.perf_counter() - t0, 3))
         log.info("%s: crawl done, writing %d page(s) from the journal", label, crawler.resumed_pages + crawler.fetched_pages)
-        stats.extra["web_pages_resumed"] = stats.extra.get("web_pages_resumed", 0) + crawler.resumed_pages
-        stats.extra["web_pages_fetched"] = stats.extra.get("web_pages_fetched", 0) + crawler.fetched_pages
-        emit_journal(journal, label, out, stats, report, batch_rows)
+        out.count("web_pages_resumed", crawler.resumed_pages)
+        out.count("web_pages_fetched", crawler.fetched_pages)
+        emit_journal(journal, label, out, report, batch_rows)
     finally:
         journal.close()
 

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.artifacts import Artifact, ArtifactStore, ArtifactWriter, StageStats
+from tasks.artifacts import Artifact, ArtifactStore, ArtifactWriter, fingerprint, read_unit, unit_first_row
 from tasks.dedup.config import DedupConfig
 from tasks.dedup.hashing import (
     MinHasher,
@@ -96,12 +96,6 @@ def _read_shard(artifact: Artifact, shard: int, columns: list[str]) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
-def _iter_shard(artifact: Artifact, shard: int, columns: list[str], batch_rows: int = 2048):
-    path = artifact.shards()[shard]
-    with artifact.fs.open(path, "rb") as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
-
-
 def _text_slice(text: Any) -> str:
     if not isinstance(text, str):
         return ""
@@ -118,11 +112,10 @@ class MinHashStage(Stage):
     name = "minhash"
     version = 1
     Config = DedupConfig
+    splittable = True
     fields = {"exact", "near", "ngram", "threshold", "num_perm", "bands", "rows", "seed", "partitions"}
 
     def fingerprint(self, cfg: DedupConfig, input_fingerprints: list[str]) -> str:
-        from tasks.artifacts import fingerprint
-
         return fingerprint(self.name, self.version, cfg.subset(self.fields), input_fingerprints)
 
     def plan(self, inputs: list[Artifact], cfg: DedupConfig) -> list[dict[str, Any]]:
@@ -134,12 +127,11 @@ class MinHashStage(Stage):
                 raise StageInputError("inputs", f"{a.path} has too many shards for dedup keys")
         return [{"input": i, "shard": s} for i, a in enumerate(docs) for s in range(len(a.shards()))]
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> StageStats:
-        stats = StageStats()
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> None:
         bands, rows = cfg.lsh_shape()
         hasher = MinHasher(cfg.num_perm, cfg.seed) if cfg.near else None
         artifact = inputs[unit["input"]]
-        row0 = 0
+        row0 = unit_first_row(unit)  # a document's key is its row in the shard, wherever the unit starts
         pending: list[tuple[str, str]] = []
         pending_chars = 0
         tables = [out.table(f"p{k:03d}") for k in range(cfg.partitions)]
@@ -182,26 +174,22 @@ class MinHashStage(Stage):
                 if hi > lo:
                     tables[k].write(pa.record_batch([band[lo:hi], bucket[lo:hi], doc[lo:hi]], schema=BUCKET_SCHEMA))
             out.write(pa.record_batch([keys, pa.array(ids, pa.string()), exact, shingle_counts], schema=SIGNED_SCHEMA))
-            stats.rows_out += n
-            stats.extra["bucket_rows"] = stats.extra.get("bucket_rows", 0) + int(band.size)
+            out.count("bucket_rows", int(band.size))
             row0 += n
             pending, pending_chars = [], 0
 
-        for batch in _iter_shard(artifact, unit["shard"], ["id", "text"]):
+        for batch in read_unit(artifact, unit, ["id", "text"], stats=out.stats):
             ids = batch.column(0).to_pylist()
             texts = batch.column(1).to_pylist()
             for doc_id, text in zip(ids, texts):
-                stats.rows_in += 1
                 t = _text_slice(text)
-                stats.bytes_in += len(t)
                 if len(t) > HASH_CHARS - 1:
-                    stats.extra["truncated_for_hashing"] = stats.extra.get("truncated_for_hashing", 0) + 1
+                    out.count("truncated_for_hashing")
                 pending.append((doc_id if doc_id is not None else "", t))
                 pending_chars += len(t)
                 if len(pending) >= cfg.batch_docs or pending_chars >= BATCH_CHARS:
                     flush()
         flush()
-        return stats
 
     def finalize(self, inputs: list[Artifact], cfg: DedupConfig, directory: str, fs: Any) -> dict[str, Any]:
         bands, rows = cfg.lsh_shape()
@@ -221,8 +209,6 @@ class DedupCandidatesStage(Stage):
     fields = {"partitions"}
 
     def fingerprint(self, cfg: DedupConfig, input_fingerprints: list[str]) -> str:
-        from tasks.artifacts import fingerprint
-
         return fingerprint(self.name, self.version, cfg.subset(self.fields), input_fingerprints)
 
     def plan(self, inputs: list[Artifact], cfg: DedupConfig) -> list[dict[str, Any]]:
@@ -230,13 +216,13 @@ class DedupCandidatesStage(Stage):
         parts = minhash.manifest.get("lsh", {}).get("partitions", cfg.partitions)
         return [{"partition": k} for k in range(parts)]
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> StageStats:
-        stats = StageStats()
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> None:
+        stats = out.stats
         minhash = _one(inputs, "minhash")
         name = f"p{unit['partition']:03d}"
         batches = list(minhash.iter_batches(table=name, batch_size=1 << 16)) if name in minhash.table_names() else []
         if not batches:
-            return stats
+            return
         t = pa.Table.from_batches(batches, schema=BUCKET_SCHEMA)
         band = t.column("band").to_numpy()
         bucket = t.column("bucket").to_numpy()
@@ -258,9 +244,7 @@ class DedupCandidatesStage(Stage):
             first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
             a, b, exact = a[first], b[first], exact[first]
             out.write(pa.record_batch([a, b, exact], schema=EDGE_SCHEMA))
-        stats.rows_out = int(a.size)
-        stats.extra["buckets_shared"] = int(np.unique(group_id[member]).size)
-        return stats
+        out.count("buckets_shared", int(np.unique(group_id[member]).size))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,8 +280,6 @@ class DedupClustersStage(Stage):
     fields = {"exact", "near", "ngram", "threshold", "keep"}
 
     def fingerprint(self, cfg: DedupConfig, input_fingerprints: list[str]) -> str:
-        from tasks.artifacts import fingerprint
-
         return fingerprint(self.name, self.version, cfg.subset(self.fields), input_fingerprints)
 
     def plan(self, inputs: list[Artifact], cfg: DedupConfig) -> list[dict[str, Any]]:
@@ -306,7 +288,7 @@ class DedupClustersStage(Stage):
             raise StageInputError("inputs", "dedup_clusters reads the documents as well as dedup_candidates")
         return [{"all": True}]
 
-    def _load(self, keys: np.ndarray, docs: list[Artifact], cfg: DedupConfig, stats: StageStats) -> dict[int, dict[str, Any]]:
+    def _load(self, keys: np.ndarray, docs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> dict[int, dict[str, Any]]:
         """Shingle sets, exact hashes, lengths and ids of the candidate documents, one shard at a time."""
         info: dict[int, dict[str, Any]] = {}
         shard_of = keys >> _ROW_BITS
@@ -322,17 +304,17 @@ class DedupClustersStage(Stage):
             for j, key in enumerate(sel.tolist()):
                 sh = np.unique(batch.hashes[batch.offsets[j] : batch.offsets[j + 1]])
                 info[key] = {"id": ids[j], "exact": exact_hash(norm[j]), "len": len(texts[j]), "shingles": sh}
-            stats.extra["candidate_docs_read"] = stats.extra.get("candidate_docs_read", 0) + len(sel)
+            out.count("candidate_docs_read", len(sel))
         return info
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> StageStats:
-        stats = StageStats()
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> None:
+        stats = out.stats
         cands = _one(inputs, "dedup_candidates")
         docs = _documents(inputs, ("dedup_candidates",))
         t = cands.read_table()
         if t.num_rows == 0:
             stats.extra.update(clusters=0, docs_removed=0)
-            return stats
+            return
         a = t.column("a").to_numpy()
         b = t.column("b").to_numpy()
         exact = t.column("exact").to_numpy(zero_copy_only=False)
@@ -343,7 +325,7 @@ class DedupClustersStage(Stage):
         first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
         a, b, exact = a[first], b[first], exact[first]
         stats.rows_in = int(a.size)
-        info = self._load(np.unique(np.concatenate((a, b))), docs, cfg, stats)
+        info = self._load(np.unique(np.concatenate((a, b))), docs, cfg, out)
 
         uf = _UnionFind()
         linked: set[int] = set()
@@ -361,10 +343,9 @@ class DedupClustersStage(Stage):
                 linked.update((x, y))
                 stats.rows_out += 1
             else:
-                stats.reject("below_threshold")
                 rejected.append((iy["id"], ix["id"], j))
         if rejected:
-            out.reject(pa.RecordBatch.from_pydict(
+            out.reject_batch(pa.RecordBatch.from_pydict(
                 {"id": [r[0] for r in rejected], "text": [None] * len(rejected), "source": [None] * len(rejected),
                  "url": [None] * len(rejected), "lang": [None] * len(rejected), "meta": [None] * len(rejected),
                  "reason": ["below_threshold"] * len(rejected),
@@ -425,7 +406,7 @@ class DedupClustersStage(Stage):
                 removal_rows["cluster_size"].append(size)
         order = np.argsort(np.array(removal_rows["doc"], np.int64), kind="stable")
         removal = pa.RecordBatch.from_pydict(removal_rows, schema=REMOVAL_SCHEMA).take(pa.array(order))
-        out.write(removal)
+        out.write(removal, count=False)  # rows out: the verified pairs
         out.table("clusters").write(pa.RecordBatch.from_pydict(cluster_rows, schema=CLUSTER_SCHEMA))
         stats.extra.update(
             components=len(clusters),
@@ -434,7 +415,6 @@ class DedupClustersStage(Stage):
             largest_cluster=max((len(m) for m in clusters.values()), default=0),
             **{f"removed_{k}": v for k, v in sorted(reasons.items())},
         )
-        return stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,6 +442,8 @@ class DedupStage(Stage):
     name = "dedup"
     version = 1
     Config = DedupConfig
+    balanced = True
+    splittable = True
 
     def plan(self, inputs: list[Artifact], cfg: DedupConfig) -> list[dict[str, Any]]:
         docs = _documents(inputs, ("dedup_clusters",))
@@ -480,8 +462,7 @@ class DedupStage(Stage):
         return [{"input": i, "shard": s, "clusters": clusters.path}
                 for i, a in enumerate(docs) for s in range(len(a.shards()))]
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> StageStats:
-        stats = StageStats()
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> None:
         docs = _documents(inputs, ("dedup_clusters",))
         clusters = Artifact.open(unit["clusters"])
         prefix = doc_key(unit["input"], unit["shard"], 0) >> _ROW_BITS
@@ -492,24 +473,18 @@ class DedupStage(Stage):
             if mask.any():
                 for r in batch.filter(pa.array(mask)).to_pylist():
                     removed[r["doc"] & ((1 << _ROW_BITS) - 1)] = r
-        row0 = 0
-        for batch in _iter_shard(docs[unit["input"]], unit["shard"], None):
+        row0 = unit_first_row(unit)
+        for batch in read_unit(docs[unit["input"]], unit, stats=out.stats):
             n = batch.num_rows
-            stats.rows_in += n
             rows = np.arange(row0, row0 + n)
             drop = np.fromiter((r in removed for r in rows.tolist()), bool, n) if removed else np.zeros(n, bool)
-            kept = batch.filter(pa.array(~drop))
-            stats.rows_out += kept.num_rows
-            stats.bytes_in += batch.nbytes
-            out.write(kept)
+            out.write(batch.filter(pa.array(~drop)))
             if drop.any():
                 gone = batch.filter(pa.array(drop))
                 info = [removed[r] for r in rows[drop].tolist()]
                 texts = [t if t is None or len(t) <= MAX_REJECT_TEXT_CHARS else t[:MAX_REJECT_TEXT_CHARS]
                          for t in gone.column("text").to_pylist()]
-                for i in info:
-                    stats.reject(i["reason"])
-                out.reject(pa.RecordBatch.from_pydict(
+                out.reject_batch(pa.RecordBatch.from_pydict(
                     {**{c: gone.column(c).to_pylist() for c in ("id", "source", "url", "lang", "meta")},
                      "text": texts,
                      "reason": [i["reason"] for i in info],
@@ -517,4 +492,3 @@ class DedupStage(Stage):
                                 for i in info]},
                     schema=REJECT_SCHEMA))
             row0 += n
-        return stats

@@ -1,5 +1,6 @@
-"""Ingest local files and datasets on disk into the document schema."""
+"""Ingest local files and datasets on disk: documents (`ingest`) and instruction examples (`sft_ingest`)."""
 
-from tasks.ingest.stage import IngestConfig, IngestStage
+from tasks.ingest.sft import SftIngestConfig, SftIngestStage
+from tasks.ingest.stage import IngestConfig, IngestStage, RecordEmitter
 
-__all__ = ["IngestConfig", "IngestStage"]
+__all__ = ["IngestConfig", "IngestStage", "RecordEmitter", "SftIngestConfig", "SftIngestStage"]

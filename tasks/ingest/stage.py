@@ -1,13 +1,16 @@
-"""Ingest: local JSONL / JSON / Parquet / text files and Hugging Face datasets on disk -> documents.
+"""Ingest: local JSONL / JSON / CSV / Parquet / text files and Hugging Face datasets on disk -> documents.
 
-One unit per input file (or dataset directory). Every input record either becomes a document or a
-reject with a reason: rows_in == rows_out + rows_rejected, always.
+Units are groups of input files (or dataset directories). Every input record either becomes a document
+or a reject with a reason: rows_in == rows_out + rows_rejected, always. Ids are unique within the
+artifact: a record whose id repeats one kept earlier is a `duplicate_id` reject (checked at commit).
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import gzip
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -16,18 +19,11 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats, fingerprint
-from tasks.documents import (
-    DOCUMENT_SCHEMA,
-    MAX_REJECT_TEXT_CHARS,
-    REJECT_SCHEMA,
-    DocumentBatcher,
-    meta_json,
-    stable_id,
-)
+from tasks.artifacts import Artifact, ArtifactWriter, fingerprint
+from tasks.documents import DOCUMENT_SCHEMA, MAX_REJECT_TEXT_CHARS, DocumentBatcher, meta_json, stable_id
 from tasks.stage import Stage, StageConfig, StageInputError
 
-Format = Literal["auto", "jsonl", "json", "parquet", "text", "hf_dataset"]
+Format = Literal["auto", "jsonl", "json", "csv", "parquet", "text", "hf_dataset"]
 
 _EXT_FORMATS = {
     ".jsonl": "jsonl",
@@ -35,6 +31,9 @@ _EXT_FORMATS = {
     ".jsonl.gz": "jsonl",
     ".ndjson.gz": "jsonl",
     ".json": "json",
+    ".csv": "csv",
+    ".csv.gz": "csv",
+    ".tsv": "csv",
     ".parquet": "parquet",
 }
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -61,6 +60,10 @@ class IngestConfig(StageConfig):
     url_field: str = Field("url", description="Record field holding the document URL, if any.")
     lang_field: str = Field("lang", description="Record field holding a language code, if any.")
     source: str | None = Field(None, description="Source label for every document; default: the file path.")
+    csv_delimiter: str | None = Field(
+        None, min_length=1, max_length=1,
+        description="CSV field separator; default ',' (and a tab for .tsv files). The first row names the fields.",
+    )
     batch_rows: int = Field(2048, ge=1, description="Rows per Arrow batch while reading.")
     unit_mb: int = Field(64, ge=1, description="Group consecutive small files into units of work of about this size.")
     unit_files: int = Field(1000, ge=1, description="... and at most this many files per unit.")
@@ -143,52 +146,63 @@ def resolve_inputs(cfg: IngestConfig) -> list[dict[str, Any]]:
     return units
 
 
-class _Emitter:
-    """Turns records into documents or rejects, batching both into the writer."""
+class RecordEmitter:
+    """Turns records into documents or rejects with a reason, batching documents into the writer.
+    A stage that reads other kinds of records (instruction examples, labelled text) subclasses it and
+    overrides `record`."""
 
-    def __init__(self, cfg: IngestConfig, out: ArtifactWriter, label: str, stats: StageStats):
+    def __init__(self, cfg: IngestConfig, out: ArtifactWriter, label: str):
         self.cfg = cfg
         self.out = out
         self.label = label
-        self.stats = stats
         self.docs = DocumentBatcher(DOCUMENT_SCHEMA, cfg.batch_rows)
-        self.rejects = DocumentBatcher(REJECT_SCHEMA, cfg.batch_rows)
 
     def reject(self, reason: str, detail: str, text: str | None, where: dict[str, Any], **fields: Any) -> None:
-        self.stats.rows_in += 1
-        self.stats.reject(reason)
-        if text is not None and len(text) > MAX_REJECT_TEXT_CHARS:
-            detail = f"{detail} (text truncated from {len(text)} chars)"
-            text = text[:MAX_REJECT_TEXT_CHARS]
-        row = {"source": self.label, "text": text, "reason": reason, "detail": detail, **fields}
-        row["meta"] = meta_json({"_ingest": where})
-        self.out.reject(self.rejects.add(**row))
+        self.out.stats.rows_in += 1
+        self.out.reject(reason, detail, source=self.label, text=text, meta=meta_json({"_ingest": where}), **fields)
 
-    def record(self, rec: Any, where: dict[str, Any]) -> None:
+    def keep(self, **doc: Any) -> None:
+        self.out.stats.rows_in += 1
+        self.out.write(self.docs.add(**doc))
+
+    def document_id(self, rec: dict[str, Any], where: dict[str, Any]) -> str:
+        raw_id = rec.get(self.cfg.id_field)
+        return str(raw_id) if raw_id is not None else stable_id(self.label, json.dumps(where, sort_keys=True))
+
+    def text_of(self, rec: Any, where: dict[str, Any]) -> str | None:
+        """The record's text, or None after rejecting the record with the reason."""
         cfg = self.cfg
         if not isinstance(rec, dict):
-            return self.reject("not_an_object", f"record is a {type(rec).__name__}", _preview(rec), where)
+            self.reject("not_an_object", f"record is a {type(rec).__name__}", preview_record(rec), where)
+            return None
         text = rec.get(cfg.text_field)
         if text is None:
-            return self.reject("missing_text", f"no {cfg.text_field!r} field", None, where)
+            self.reject("missing_text", f"no {cfg.text_field!r} field", None, where)
+            return None
         if isinstance(text, (bytes, bytearray)):
             try:
                 text = bytes(text).decode("utf-8")
             except UnicodeDecodeError as e:
-                return self.reject("invalid_utf8", str(e), bytes(text).decode("utf-8", "replace"), where)
+                self.reject("invalid_utf8", str(e), bytes(text).decode("utf-8", "replace"), where)
+                return None
         if not isinstance(text, str):
-            return self.reject(
-                "non_string_text", f"{cfg.text_field!r} is a {type(text).__name__}", _preview(text), where
-            )
+            self.reject("non_string_text", f"{cfg.text_field!r} is a {type(text).__name__}", preview_record(text), where)
+            return None
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates, e.g. JSON "\ud800"
-            return self.reject("invalid_utf8", str(e), text.encode("utf-8", "replace").decode("utf-8"), where)
+            self.reject("invalid_utf8", str(e), text.encode("utf-8", "replace").decode("utf-8"), where)
+            return None
         if not text.strip():
-            return self.reject("empty_text", "text is empty or whitespace", text, where)
+            self.reject("empty_text", "text is empty or whitespace", text, where)
+            return None
+        return text
 
-        raw_id = rec.get(cfg.id_field)
-        doc_id = str(raw_id) if raw_id is not None else stable_id(self.label, json.dumps(where, sort_keys=True))
+    def record(self, rec: Any, where: dict[str, Any]) -> None:
+        cfg = self.cfg
+        text = self.text_of(rec, where)
+        if text is None:
+            return
         url = rec.get(cfg.url_field)
         lang = rec.get(cfg.lang_field)
         taken = {cfg.text_field, cfg.id_field}
@@ -202,18 +216,13 @@ class _Emitter:
             lang = None
         meta = {k: v for k, v in rec.items() if k not in taken}
         meta["_ingest"] = where
-        self.stats.rows_in += 1
-        self.stats.rows_out += 1
-        self.out.write(
-            self.docs.add(id=doc_id, text=text, source=self.label, url=url, lang=lang, meta=meta_json(meta))
-        )
+        self.keep(id=self.document_id(rec, where), text=text, source=self.label, url=url, lang=lang, meta=meta_json(meta))
 
     def flush(self) -> None:
         self.out.write(self.docs.flush())
-        self.out.reject(self.rejects.flush())
 
 
-def _preview(value: Any) -> str:
+def preview_record(value: Any) -> str:
     try:
         return json.dumps(value, ensure_ascii=False, default=str)[:MAX_REJECT_TEXT_CHARS]
     except (TypeError, ValueError):
@@ -224,13 +233,13 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
 
 
-def _read_jsonl(path: str, em: _Emitter) -> None:
+def _read_jsonl(path: str, em: RecordEmitter) -> None:
     with _open_binary(path) as f:
         for line_no, raw in enumerate(f, 1):
             raw = raw.rstrip(b"\r\n")
             where = {"file": em.label, "line": line_no}
             if not raw.strip():
-                em.stats.extra["blank_lines"] = em.stats.extra.get("blank_lines", 0) + 1
+                em.out.count("blank_lines")
                 continue
             try:
                 line = raw.decode("utf-8")
@@ -245,7 +254,7 @@ def _read_jsonl(path: str, em: _Emitter) -> None:
             em.record(rec, where)
 
 
-def _read_json(path: str, em: _Emitter) -> None:
+def _read_json(path: str, em: RecordEmitter) -> None:
     where = {"file": em.label}
     with _open_binary(path) as f:
         raw = f.read()
@@ -269,7 +278,7 @@ def _iter_parquet(path: str, batch_rows: int) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def _read_records(records: Iterator[dict[str, Any]], em: _Emitter, where_extra: dict[str, Any]) -> None:
+def _read_records(records: Iterator[dict[str, Any]], em: RecordEmitter, where_extra: dict[str, Any]) -> None:
     row = 0
     try:
         for row, rec in enumerate(records):
@@ -278,7 +287,34 @@ def _read_records(records: Iterator[dict[str, Any]], em: _Emitter, where_extra: 
         em.reject("unreadable_file", f"{type(e).__name__}: {e}", None, {"file": em.label, **where_extra})
 
 
-def _read_text(path: str, em: _Emitter) -> None:
+def _read_csv(path: str, em: RecordEmitter) -> None:
+    """CSV (or TSV) with a header row; every field a string. A row with more fields than the header is
+    rejected; a short row's missing fields are absent."""
+    delimiter = em.cfg.csv_delimiter or ("\t" if path.lower().endswith((".tsv", ".tsv.gz")) else ",")
+    with _open_binary(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        reader = csv.reader(text, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            for row in reader:
+                where = {"file": em.label, "line": reader.line_num}
+                if not row or not any(c.strip() for c in row):
+                    em.out.count("blank_lines")
+                    continue
+                if len(row) > len(header):
+                    em.reject("bad_csv_row", f"{len(row)} fields, the header has {len(header)}",
+                              delimiter.join(row), where)
+                    continue
+                em.record(dict(zip(header, row)), where)
+        except UnicodeDecodeError as e:
+            em.reject("invalid_utf8", str(e), None, {"file": em.label, "line": reader.line_num})
+        except csv.Error as e:
+            em.reject("bad_csv_row", str(e), None, {"file": em.label, "line": reader.line_num})
+
+
+def _read_text(path: str, em: RecordEmitter) -> None:
     where = {"file": em.label}
     with _open_binary(path) as f:
         raw = f.read()
@@ -291,7 +327,7 @@ def _read_text(path: str, em: _Emitter) -> None:
     em.record({em.cfg.text_field: text, em.cfg.id_field: stable_id(em.label)}, where)
 
 
-def _read_hf_dataset(path: str, em: _Emitter) -> None:
+def _read_hf_dataset(path: str, em: RecordEmitter) -> None:
     import datasets
 
     loaded = datasets.load_from_disk(path)
@@ -313,7 +349,9 @@ class IngestStage(Stage):
     name = "ingest"
     version = 1
     Config = IngestConfig
-    emitter = _Emitter  # what turns a record into a document or a reject (sft_ingest brings its own)
+    emitter = RecordEmitter  # what turns a record into a document or a reject (sft_ingest brings its own)
+    balanced = True
+    unique_ids = True
 
     def sources(self, cfg: IngestConfig) -> list[dict[str, Any]]:
         return [
@@ -343,21 +381,21 @@ class IngestStage(Stage):
         reading = {k: v for k, v in cfg.fingerprint_config().items() if k != "paths"}
         return fingerprint(f"{self.name}.unit", self.version, {"config": reading, "unit": unit})
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: IngestConfig, out: ArtifactWriter) -> StageStats:
-        stats = StageStats()
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: IngestConfig, out: ArtifactWriter) -> None:
         for f in unit["files"]:
-            self._read_file(f, cfg, out, stats)
-        return stats
+            self._read_file(f, cfg, out)
 
-    def _read_file(self, unit: dict[str, Any], cfg: IngestConfig, out: ArtifactWriter, stats: StageStats) -> None:
-        stats.bytes_in += unit["size"]
-        em = self.emitter(cfg, out, cfg.source or unit["path"], stats)
+    def _read_file(self, unit: dict[str, Any], cfg: IngestConfig, out: ArtifactWriter) -> None:
+        out.stats.bytes_in += unit["size"]
+        em = self.emitter(cfg, out, cfg.source or unit["path"])
         path, fmt = unit["path"], unit["format"]
         try:
             if fmt == "jsonl":
                 _read_jsonl(path, em)
             elif fmt == "json":
                 _read_json(path, em)
+            elif fmt == "csv":
+                _read_csv(path, em)
             elif fmt == "parquet":
                 _read_records(_iter_parquet(path, cfg.batch_rows), em, {})
             elif fmt == "text":
@@ -369,4 +407,4 @@ class IngestStage(Stage):
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             em.reject("unreadable_file", f"{type(e).__name__}: {e}", None, {"file": em.label})
         em.flush()
-        stats.extra["files"] = stats.extra.get("files", 0) + 1
+        out.count("files")

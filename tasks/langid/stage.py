@@ -9,18 +9,16 @@ the same as a short one, and a header in another language does not decide alone.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
 from importlib import resources
 from typing import Any
 
-import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats
-from tasks.documents import DOCUMENT_SCHEMA, MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, DocumentBatcher, meta_json
+from tasks.artifacts import Artifact, ArtifactWriter, read_unit
+from tasks.documents import DOCUMENT_SCHEMA, DocumentBatcher, meta_json, parse_meta
 from tasks.stage import Stage, StageConfig, StageInputError
 
 _URL = re.compile(r"(?:https?://|www\.)\S+|\S+@\S+\.\w+")
@@ -107,6 +105,8 @@ class LangIdStage(Stage):
     name = "langid"
     version = 1
     Config = LangIdConfig
+    balanced = True
+    splittable = True
 
     def sources(self, cfg: LangIdConfig) -> Any:
         path = cfg.model_path
@@ -121,57 +121,35 @@ class LangIdStage(Stage):
         self.sources(cfg)
         return super().plan(inputs, cfg)
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: LangIdConfig, out: ArtifactWriter) -> StageStats:
-        stats = StageStats()
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: LangIdConfig, out: ArtifactWriter) -> None:
         try:
             ident = LanguageIdentifier(cfg)
         except ValueError as e:  # fastText's answer to a file that is not a model
             raise StageInputError("model_path", f"cannot load {cfg.model_path!r}: {e}") from None
         keep = set(cfg.languages)
         docs = DocumentBatcher(DOCUMENT_SCHEMA, cfg.batch_rows)
-        rejects = DocumentBatcher(REJECT_SCHEMA, cfg.batch_rows)
-        langs: dict[str, int] = {}
-        artifact = inputs[unit["input"]]
-        with artifact.fs.open(artifact.shards()[unit["shard"]], "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows):
-                rows = batch.to_pylist()
-                texts = [r["text"] if isinstance(r.get("text"), str) else "" for r in rows]
-                for row, text, (lang, score) in zip(rows, texts, ident.predict(texts)):
-                    stats.rows_in += 1
-                    stats.bytes_in += len(text)
-                    try:
-                        meta = json.loads(row["meta"]) if row.get("meta") else {}
-                        meta = meta if isinstance(meta, dict) else {"_meta": meta}
-                    except (TypeError, ValueError):
-                        meta = {"_meta": row.get("meta")}
-                    meta["lang_score"] = round(score, 4)
-                    is_code = cfg.pass_code and "language" in meta
-                    new = {**row, "lang": lang, "meta": meta_json(meta)}
-                    if lang is None:
-                        reason, detail = "langid:no_text", "nothing to classify after removing digits, symbols, URLs"
-                    elif is_code:
-                        reason = None
-                    elif score < cfg.min_score:
-                        reason, detail = "langid:low_score", f"{lang} {score:.3f} < {cfg.min_score}"
-                    elif keep and lang not in keep:
-                        reason, detail = "langid:language_not_kept", f"{lang} {score:.3f}"
-                    else:
-                        reason = None
-                    if reason is None or (is_code and lang is not None):
-                        stats.rows_out += 1
-                        langs[lang or "none"] = langs.get(lang or "none", 0) + 1
-                        out.write(docs.add(**new))
-                        continue
-                    if is_code:  # code with no classifiable text is still code
-                        stats.rows_out += 1
-                        out.write(docs.add(**new))
-                        continue
-                    stats.reject(reason)
-                    if len(text) > MAX_REJECT_TEXT_CHARS:
-                        new["text"] = text[:MAX_REJECT_TEXT_CHARS]
-                        detail += f" (text truncated from {len(text)} chars)"
-                    out.reject(rejects.add(**new, reason=reason, detail=detail))
+        for batch in read_unit(inputs[unit["input"]], unit, batch_rows=cfg.batch_rows, stats=out.stats):
+            rows = batch.to_pylist()
+            texts = [r["text"] if isinstance(r.get("text"), str) else "" for r in rows]
+            for row, (lang, score) in zip(rows, ident.predict(texts)):
+                meta = parse_meta(row.get("meta"))
+                meta["lang_score"] = round(score, 4)
+                new = {**row, "lang": lang, "meta": meta_json(meta)}
+                # code is labelled, never dropped (its comments are no guide to what the file is)
+                verdict = None if cfg.pass_code and "language" in meta else _verdict(lang, score, cfg, keep)
+                if verdict:
+                    out.reject(*verdict, **new)
+                    continue
+                out.count(f"kept_{lang or 'none'}")
+                out.write(docs.add(**new))
         out.write(docs.flush())
-        out.reject(rejects.flush())
-        stats.extra.update({f"kept_{k}": v for k, v in sorted(langs.items())})
-        return stats
+
+
+def _verdict(lang: str | None, score: float, cfg: LangIdConfig, keep: set[str]) -> tuple[str, str] | None:
+    if lang is None:
+        return "langid:no_text", "nothing to classify after removing digits, symbols, URLs"
+    if score < cfg.min_score:
+        return "langid:low_score", f"{lang} {score:.3f} < {cfg.min_score}"
+    if keep and lang not in keep:
+        return "langid:language_not_kept", f"{lang} {score:.3f}"
+    return None

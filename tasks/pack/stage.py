@@ -24,8 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats
-from tasks.documents import REJECT_SCHEMA, DocumentBatcher
+from tasks.artifacts import Artifact, ArtifactWriter
 from tasks.pack.binpack import pack_best_fit_decreasing, pack_concat
 from tasks.pack.hf_dataset import save_dataset_dict
 from tasks.pack.mixture import MixturePart, copies, in_validation, sampling_rates
@@ -245,8 +244,8 @@ class PackStage(Stage):
                 return int(tok[key])
         raise StageInputError("pad_token_id", "the tokenizer has neither a pad nor an EOS token; set pad_token_id")
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: PackConfig, out: ArtifactWriter) -> StageStats:
-        stats = StageStats()
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: PackConfig, out: ArtifactWriter) -> None:
+        stats = out.stats
         names = _component_names(inputs, cfg)
         plan = mixture_plan(inputs, cfg)
         docs = _UnitDocs()
@@ -260,7 +259,6 @@ class PackStage(Stage):
                 docs.add(pq.ParquetFile(f).read(columns=columns), i, instruction)
         docs.finish()
 
-        rejects = DocumentBatcher(REJECT_SCHEMA, 1024)
         items: dict[str, list[int]] = {split: [] for split in SPLITS}
         ids = docs.doc_ids.to_pylist()
         stats.rows_in = len(ids)
@@ -280,18 +278,15 @@ class PackStage(Stage):
                 if not taken:
                     reason, detail = "not_sampled", f"left out of the mixture (dataset {dataset})"
             if reason:
-                stats.reject(reason)
-                out.reject(rejects.add(id=doc_id, source=dataset, reason=reason, detail=detail))
+                out.reject(reason, detail, id=doc_id, source=dataset)
                 continue
-            stats.rows_out += 1
+            stats.rows_out += 1  # rows out: documents packed (the data rows are sequences)
             split = "validation" if in_validation(doc_id, cfg.validation_fraction, cfg.split_seed) else "train"
             items[split].extend([d] * taken)
-            key = f"mixture.{dataset}."
-            stats.extra[key + "docs"] = stats.extra.get(key + "docs", 0) + taken
-            stats.extra[key + "tokens"] = stats.extra.get(key + "tokens", 0) + taken * length
+            out.count(f"mixture.{dataset}.docs", taken)
+            out.count(f"mixture.{dataset}.tokens", taken * length)
             if not docs.doc_whole[d] and length > cfg.seq_len:
-                stats.extra["docs_split"] = stats.extra.get("docs_split", 0) + 1
-        out.reject(rejects.flush())
+                out.count("docs_split")
 
         pad_id = self._pad_id(inputs, cfg)
         pack = pack_best_fit_decreasing if cfg.mode == "bfd" else pack_concat
@@ -303,7 +298,7 @@ class PackStage(Stage):
                 if not len(item_doc):
                     continue
                 rows = pack(docs.doc_lengths[item_doc].tolist(), docs.doc_whole[item_doc].tolist(), cfg.seq_len)
-                write = out.write if split == "train" else out.table(_TABLE_OF_SPLIT[split]).write
+                table = out.data if split == "train" else out.table(_TABLE_OF_SPLIT[split])
                 for start in range(0, len(rows), _ROWS_PER_BATCH):
                     batch = assemble_rows(
                         rows[start : start + _ROWS_PER_BATCH], item_doc, docs.doc_starts, docs.tokens_flat,
@@ -311,14 +306,13 @@ class PackStage(Stage):
                     )
                     if written is not None:
                         written.result()
-                    written = writer.submit(write, batch)
+                    written = writer.submit(table.write, batch)
                 real = int(docs.doc_lengths[item_doc].sum())
-                stats.extra[f"{split}.sequences"] = stats.extra.get(f"{split}.sequences", 0) + len(rows)
-                stats.extra[f"{split}.tokens"] = stats.extra.get(f"{split}.tokens", 0) + real
-                stats.extra[f"{split}.pad_tokens"] = stats.extra.get(f"{split}.pad_tokens", 0) + len(rows) * cfg.seq_len - real
+                out.count(f"{split}.sequences", len(rows))
+                out.count(f"{split}.tokens", real)
+                out.count(f"{split}.pad_tokens", len(rows) * cfg.seq_len - real)
             if written is not None:
                 written.result()
-        return stats
 
     # ----------------------------------------------------------------------------------------------
 

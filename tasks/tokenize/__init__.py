@@ -1,13 +1,10 @@
-"""Tokenizers and tokenization: the `tokenizer`, `sft_ingest`, `tokenize` and `sft_tokenize` stages."""
+"""Tokenizers and tokenization: the `tokenizer`, `tokenize` and `sft_tokenize` stages."""
 
-from tasks.tokenize.sft_ingest import SftIngestConfig, SftIngestStage
 from tasks.tokenize.stage import IGNORE_INDEX, SftTokenizeConfig, SftTokenizeStage, TokenizeConfig, TokenizeStage
 from tasks.tokenize.tokenizer_stage import TokenizerConfig, TokenizerStage
 
 __all__ = [
     "IGNORE_INDEX",
-    "SftIngestConfig",
-    "SftIngestStage",
     "SftTokenizeConfig",
     "SftTokenizeStage",
     "TokenizeConfig",

@@ -25,8 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats
-from tasks.documents import MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, DocumentBatcher
+from tasks.artifacts import Artifact, ArtifactWriter, read_unit
 from tasks.stage import Stage, StageConfig, StageInputError
 from tasks.tokenize.hf import (
     load_tokenizer,
@@ -173,23 +172,6 @@ def _list_array(flat: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=pa.int32()))
 
 
-class _Rejects:
-    def __init__(self, out: ArtifactWriter, stats: StageStats):
-        self.out = out
-        self.stats = stats
-        self.batcher = DocumentBatcher(REJECT_SCHEMA, 1024)
-
-    def add(self, reason: str, detail: str, doc_id: Any, text: Any = None, **fields: Any) -> None:
-        self.stats.reject(reason)
-        if isinstance(text, str) and len(text) > MAX_REJECT_TEXT_CHARS:
-            detail = f"{detail} (text truncated from {len(text)} chars)"
-            text = text[:MAX_REJECT_TEXT_CHARS]
-        self.out.reject(self.batcher.add(id=doc_id, text=text, reason=reason, detail=detail, **fields))
-
-    def flush(self) -> None:
-        self.out.reject(self.batcher.flush())
-
-
 # --------------------------------------------------------------------------------------------------
 # the stage
 
@@ -199,6 +181,12 @@ class TokenizeStage(Stage):
     version = 1
     Config = TokenizeConfig
     output_schema = TOKENS_SCHEMA
+    balanced = True
+    splittable = True
+
+    def bindings(self, cfg: TokenizeConfig) -> dict[str, str | None]:
+        # `tokenizer: DIR` in the config: no tokenizer stage is read
+        return {"tokenizer": None} if cfg.tokenizer is not None else {}
 
     def sources(self, cfg: TokenizeConfig) -> Any:
         # A tokenizer artifact input is fingerprinted as an input; a directory by its files' content.
@@ -230,33 +218,24 @@ class TokenizeStage(Stage):
             if _uses_alpaca(tok, cfg) and tok.eos_token is None:
                 raise StageInputError("template", "the Alpaca format ends replies with EOS, and the tokenizer has none")
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TokenizeConfig, out: ArtifactWriter) -> StageStats:
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TokenizeConfig, out: ArtifactWriter) -> None:
         path, field = tokenizer_directory(inputs, cfg)
         tok = load_tokenizer(path, field)
         self._check_tokenizer(tok, cfg)
         docs = inputs[unit["input"]]
-        stats = StageStats()
-        rejects = _Rejects(out, stats)
-        shard = docs.shards()[unit["shard"]]
         columns = ["id", "meta"] if cfg.format == "sft" else ["id", "text"]
         if cfg.format == "text" and "source" in (docs.manifest.get("schema") or []):
             columns.append("source")  # kept on rejects when the documents have it
-        with docs.fs.open(shard, "rb") as f:
-            stats.bytes_in += docs.fs.size(shard)
-            batches = pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_rows, columns=columns)
-            if cfg.format == "sft":
-                for batch in batches:
-                    out.write(self._sft_batch(batch, tok, cfg, rejects, stats))
-            else:
-                self._text_batches(batches, tok, cfg, rejects, stats, out)
-        rejects.flush()
-        return stats
+        batches = read_unit(docs, unit, columns, batch_rows=cfg.batch_rows, stats=out.stats)
+        if cfg.format == "sft":
+            for batch in batches:
+                out.write(self._sft_batch(batch, tok, cfg, out))
+        else:
+            self._text_batches(batches, tok, cfg, out)
 
     # ----------------------------------------------------------------------------------------------
 
-    def _text_batches(
-        self, batches: Any, tok: Any, cfg: TokenizeConfig, rejects: _Rejects, stats: StageStats, out: ArtifactWriter
-    ) -> None:
+    def _text_batches(self, batches: Any, tok: Any, cfg: TokenizeConfig, out: ArtifactWriter) -> None:
         """Two batches are encoded at a time while the one before is written: the Rust tokenizer releases
         the GIL, so Arrow conversion and Parquet writing hide behind it, and one batch's long document
         no longer leaves a core idle at the batch's end."""
@@ -264,42 +243,40 @@ class TokenizeStage(Stage):
         in_flight: collections.deque = collections.deque()
         with ThreadPoolExecutor(max_workers=_ENCODE_AHEAD, thread_name_prefix="kiln-tokenize") as pool:
             for batch in batches:
-                ids, texts = self._valid_texts(batch, rejects, stats)
+                ids, texts = self._valid_texts(batch, out)
                 if texts:
                     in_flight.append((ids, texts, pool.submit(_encode_flat, backend, texts)))
                 if len(in_flight) >= _ENCODE_AHEAD:
-                    out.write(self._text_rows(*in_flight.popleft(), tok, cfg, rejects, stats))
+                    out.write(self._text_rows(*in_flight.popleft(), tok, cfg, out))
             while in_flight:
-                out.write(self._text_rows(*in_flight.popleft(), tok, cfg, rejects, stats))
+                out.write(self._text_rows(*in_flight.popleft(), tok, cfg, out))
 
     @staticmethod
-    def _valid_texts(batch: pa.RecordBatch, rejects: _Rejects, stats: StageStats) -> tuple[list[str], list[str]]:
+    def _valid_texts(batch: pa.RecordBatch, out: ArtifactWriter) -> tuple[list[str], list[str]]:
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
         names = batch.schema.names
         sources = batch.column("source").to_pylist() if "source" in names else [None] * len(ids)
-        stats.rows_in += len(ids)
         keep_ids, keep_texts = [], []
         for doc_id, text, source in zip(ids, texts, sources):
             if doc_id is None:
-                rejects.add("missing_id", "document has no id", None, text, source=source)
+                out.reject("missing_id", "document has no id", text=text, source=source)
             elif not isinstance(text, str):
-                rejects.add("missing_text", "document has no text", doc_id, None, source=source)
+                out.reject("missing_text", "document has no text", id=doc_id, source=source)
             elif not text.strip():
-                rejects.add("empty_text", "text is empty or whitespace", doc_id, text, source=source)
+                out.reject("empty_text", "text is empty or whitespace", id=doc_id, text=text, source=source)
             else:
                 keep_ids.append(doc_id)
                 keep_texts.append(text)
         return keep_ids, keep_texts
 
     def _text_rows(
-        self, ids: list[str], texts: list[str], encoded: Future, tok: Any, cfg: TokenizeConfig,
-        rejects: _Rejects, stats: StageStats,
+        self, ids: list[str], texts: list[str], encoded: Future, tok: Any, cfg: TokenizeConfig, out: ArtifactWriter,
     ) -> pa.RecordBatch | None:
         flat, lengths = encoded.result()
         if not lengths.all():  # text that the tokenizer's normalizer erases entirely
             for i in np.flatnonzero(lengths == 0):
-                rejects.add("no_tokens", "the tokenizer produced no tokens", ids[i], texts[i])
+                out.reject("no_tokens", "the tokenizer produced no tokens", id=ids[i], text=texts[i])
             nonzero = np.flatnonzero(lengths)
             ids = [ids[i] for i in nonzero]
             texts = [texts[i] for i in nonzero]
@@ -310,24 +287,20 @@ class TokenizeStage(Stage):
             flat, lengths, tok.bos_token_id if cfg.add_bos else None, tok.eos_token_id if cfg.add_eos else None
         )
         n_tokens = np.diff(offsets).astype(np.int32)
-        stats.rows_out += len(ids)
-        stats.extra["tokens"] = stats.extra.get("tokens", 0) + int(len(tokens))
-        stats.extra["chars"] = stats.extra.get("chars", 0) + sum(map(len, texts))
+        out.count("tokens", int(len(tokens)))
+        out.count("chars", sum(map(len, texts)))
         return pa.RecordBatch.from_arrays(
             [pa.array(ids, pa.string()), _list_array(tokens, offsets), pa.array(n_tokens)], schema=TOKENS_SCHEMA
         )
 
-    def _sft_batch(
-        self, batch: pa.RecordBatch, tok: Any, cfg: TokenizeConfig, rejects: _Rejects, stats: StageStats
-    ) -> pa.RecordBatch | None:
+    def _sft_batch(self, batch: pa.RecordBatch, tok: Any, cfg: TokenizeConfig, out: ArtifactWriter) -> pa.RecordBatch | None:
         ids = batch.column("id").to_pylist()
         metas = batch.column("meta").to_pylist()
-        stats.rows_in += len(ids)
         alpaca = _uses_alpaca(tok, cfg)
         keep_ids, texts, spans = [], [], []
         for doc_id, meta in zip(ids, metas):
             if doc_id is None:
-                rejects.add("missing_id", "document has no id", None, meta=meta)
+                out.reject("missing_id", "document has no id", meta=meta)
                 continue
             try:
                 record = json.loads(meta) if isinstance(meta, str) else None
@@ -336,10 +309,10 @@ class TokenizeStage(Stage):
                 example = normalize_sft_record(record.get("sft", record))
                 text, turn_spans = render_alpaca(example, tok.eos_token) if alpaca else render_chat_template(example, tok)
             except json.JSONDecodeError as e:
-                rejects.add("invalid_meta", f"meta is not JSON: {e}", doc_id, meta=meta)
+                out.reject("invalid_meta", f"meta is not JSON: {e}", id=doc_id, meta=meta)
                 continue
             except SftRecordError as e:
-                rejects.add(e.reason, e.detail, doc_id, meta=meta)
+                out.reject(e.reason, e.detail, id=doc_id, meta=meta)
                 continue
             keep_ids.append(doc_id)
             texts.append(text)
@@ -366,19 +339,18 @@ class TokenizeStage(Stage):
                 tokens = np.concatenate([tokens, [eos]]).astype(np.int32)
                 trained = np.concatenate([trained, [ends_on_reply]])
             if not trained.any():
-                rejects.add("no_target_tokens", "no reply token survives tokenization", doc_id, text)
+                out.reject("no_target_tokens", "no reply token survives tokenization", id=doc_id, text=text)
                 continue
             out_ids.append(doc_id)
             out_tokens.append(tokens)
             out_labels.append(np.where(trained, tokens, IGNORE_INDEX).astype(np.int32))
-            stats.extra["target_tokens"] = stats.extra.get("target_tokens", 0) + int(trained.sum())
+            out.count("target_tokens", int(trained.sum()))
         if not out_ids:
             return None
         lengths = np.fromiter(map(len, out_tokens), dtype=np.int64, count=len(out_tokens))
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        stats.rows_out += len(out_ids)
-        stats.extra["tokens"] = stats.extra.get("tokens", 0) + int(offsets[-1])
+        out.count("tokens", int(offsets[-1]))
         return pa.RecordBatch.from_arrays(
             [
                 pa.array(out_ids, pa.string()),

@@ -18,8 +18,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field, model_validator
 
-from tasks.artifacts import Artifact, ArtifactWriter, StageStats
-from tasks.documents import MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, DocumentBatcher
+from tasks.artifacts import Artifact, ArtifactWriter
 from tasks.stage import Stage, StageConfig, StageInputError
 from tasks.tokenize.hf import (
     copy_tokenizer_files,
@@ -146,12 +145,11 @@ class TokenizerStage(Stage):
                     raise StageInputError(f"inputs[{i}]", f"{art.stage} artifact {art.path} has no 'text' column to train on")
         return [{"tokenizer": "train" if cfg.trains else ("path" if cfg.path else "hub")}]
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TokenizerConfig, out: ArtifactWriter) -> StageStats:
-        stats = StageStats()
+    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TokenizerConfig, out: ArtifactWriter) -> None:
+        stats = out.stats
         if cfg.trains:
-            docs = _TrainingText(inputs, cfg, out, stats)
+            docs = _TrainingText(inputs, cfg, out)
             tok = _train_byte_level_bpe(iter(docs), cfg)
-            docs.flush()
             if not docs.chars:
                 raise StageInputError("inputs", "the documents hold no text to train a tokenizer on")
             stats.extra.update(train_docs=stats.rows_out, train_chars=docs.chars)
@@ -179,10 +177,10 @@ class TokenizerStage(Stage):
                         "special": [i in specials for _, i in chunk],
                     },
                     schema=VOCABULARY_SCHEMA,
-                )
+                ),
+                count=False,  # rows out: the documents trained on; the data table is the vocabulary
             )
         stats.extra["vocab_size"] = len(tok)
-        return stats
 
     def finalize(self, inputs: list[Artifact], cfg: TokenizerConfig, directory: str, fs: Any) -> dict[str, Any]:
         """Load what was written, as a consumer will, and record its special-token ids in the manifest."""
@@ -196,40 +194,32 @@ class TokenizerStage(Stage):
 class _TrainingText:
     """The documents' text, streamed into the BPE trainer; empty or missing text is counted, not trained on."""
 
-    def __init__(self, docs: list[Artifact], cfg: TokenizerConfig, out: ArtifactWriter, stats: StageStats):
+    def __init__(self, docs: list[Artifact], cfg: TokenizerConfig, out: ArtifactWriter):
         self.docs = docs
         self.cfg = cfg
         self.out = out
-        self.stats = stats
         self.chars = 0
-        self.rejects = DocumentBatcher(REJECT_SCHEMA, 1024)
 
     def __iter__(self) -> Iterator[str]:
+        stats = self.out.stats
         for batch in self._batches():
             ids = batch.column("id").to_pylist()
             for doc_id, text in zip(ids, batch.column("text").to_pylist()):
-                self.stats.rows_in += 1
+                stats.rows_in += 1
                 if not isinstance(text, str) or not text.strip():
-                    self.stats.reject("empty_text")
-                    kept_text = text[:MAX_REJECT_TEXT_CHARS] if isinstance(text, str) else None
-                    self.out.reject(
-                        self.rejects.add(id=doc_id, text=kept_text, reason="empty_text", detail="no text to train on")
-                    )
+                    self.out.reject("empty_text", "no text to train on", id=doc_id, text=text if isinstance(text, str) else None)
                     continue
-                self.stats.rows_out += 1
+                stats.rows_out += 1
                 self.chars += len(text)
                 yield text
                 if self.cfg.max_train_chars is not None and self.chars >= self.cfg.max_train_chars:
-                    self.stats.extra["train_chars_limit_reached"] = True
+                    stats.extra["train_chars_limit_reached"] = True
                     return
 
     def _batches(self) -> Iterator[Any]:
         for art in self.docs:  # documents from several source stages are read one after the other
             if art.num_rows:
                 yield from art.iter_batches(columns=["id", "text"], batch_size=self.cfg.batch_rows)
-
-    def flush(self) -> None:
-        self.out.reject(self.rejects.flush())
 
 
 def _portable_config(directory: str, tok: Any) -> None:

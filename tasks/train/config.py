@@ -1,4 +1,5 @@
-"""Training config: the model, the method (full / LoRA / prefix / adapter), the optimiser, DeepSpeed, the launch."""
+"""Training config: the objective, the model, the method (full / LoRA / prefix / adapter), the optimiser,
+regularisation, validation and early stopping, DeepSpeed, the launch."""
 
 from __future__ import annotations
 
@@ -8,15 +9,36 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.stage import StageConfig
 
+OBJECTIVES = ("causal_lm", "sft", "classification")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelConfig(_Section):
-    """A Hugging Face causal LM by hub name or local path, or a new one from a config with random weights."""
+class DropoutConfig(_Section):
+    """Dropout where the model has it (None leaves the model's own setting). Each maps onto the names
+    model configs use: attention (attention_dropout, attention_probs_dropout_prob, attn_pdrop), hidden
+    (hidden_dropout, hidden_dropout_prob, resid_pdrop, embd_pdrop, dropout), classifier
+    (classifier_dropout). A rate for a part the model does not have is refused, naming the field."""
 
-    name_or_path: str | None = Field(None, description="Hub id (needs internet) or local directory of a causal LM.")
+    attention: float | None = Field(None, ge=0, lt=1, description="Dropout on attention probabilities.")
+    hidden: float | None = Field(None, ge=0, lt=1, description="Dropout on hidden states / residual branches.")
+    classifier: float | None = Field(None, ge=0, lt=1, description="Dropout before a classification head.")
+
+
+class ModelConfig(_Section):
+    """Where the starting weights come from: a Hugging Face model by hub name or local path, another
+    training section's model (`from`), or a new model from a config with random weights."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name_or_path: str | None = Field(None, description="Hub id (needs internet) or local directory of a model.")
+    from_: str | None = Field(
+        None, alias="from",
+        description="The name of another training section of this pipeline: start from the model it exports "
+        "(e.g. an SFT run from the pretraining run). Its fingerprint becomes part of this run's.",
+    )
     init: dict[str, Any] | None = Field(
         None,
         description="Build a new model with random weights from these config values, e.g. "
@@ -27,11 +49,13 @@ class ModelConfig(_Section):
         "sdpa", description="Attention kernel. Document boundaries are kept with every one of them."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.name_or_path is None) == (self.init is None):
-            raise ValueError("set exactly one of model.name_or_path (load a model) or model.init (random init)")
+        if sum(x is not None for x in (self.name_or_path, self.init, self.from_)) != 1:
+            raise ValueError("set exactly one of model.name_or_path (load a model), model.from (another training "
+                             "section's model) or model.init (random init)")
         return self
 
 
@@ -45,7 +69,7 @@ class MethodConfig(_Section):
     )
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules LoRA wraps."
     )
@@ -56,10 +80,11 @@ class MethodConfig(_Section):
 
 class OptimConfig(_Section):
     lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay.")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(10, ge=0, description="Linear warmup, then cosine decay to min_lr_ratio * lr.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup from 0, then cosine decay to min_lr_ratio * lr "
+                              "(transformers' get_cosine_with_min_lr_schedule_with_warmup).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0: off).")
 
@@ -87,31 +112,59 @@ class LaunchConfig(_Section):
 
 
 class TrainConfig(StageConfig):
-    """One training run over a packed dataset (the pack stage's output)."""
+    """One training run over a dataset artifact (pack's, or classify_tokenize's for classification)."""
 
     execution_fields = StageConfig.execution_fields | {"launch", "log_every", "save_every", "keep_checkpoints", "tensorboard"}
 
-    objective: Literal["causal_lm", "sft"] = Field(
+    objective: Literal["causal_lm", "sft", "classification"] = Field(
         "causal_lm",
         description="causal_lm: next-token loss on packed documents. sft: the same loss, where the pack stage "
-        "masked prompt tokens out of the labels.",
+        "masked prompt tokens out of the labels. classification: a sequence classifier "
+        "(AutoModelForSequenceClassification) on classify_tokenize's dataset, judged by accuracy and macro-F1.",
     )
     model: ModelConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     seq_len: int | None = Field(None, ge=8, description="Expected sequence length; a dataset that differs is refused.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per micro step.")
     grad_accum: int = Field(1, ge=1, description="Micro steps per optimizer step.")
     seed: int = 0
-    eval_every: int = Field(20, ge=1, description="Validation loss every N steps (and at the end).")
-    eval_batches: int = Field(8, ge=1, description="Micro batches per rank in one validation pass.")
+    eval_every: int = Field(20, ge=1, description="Validation every N steps (and at the end).")
+    eval_batches: int | None = Field(
+        8, ge=1, description="Micro batches per rank in one validation pass; null: the whole validation split."
+    )
+    monitor: str | None = Field(
+        None, description="The validation metric early stopping and the best checkpoint follow: loss (the default "
+        "for language models), accuracy or f1 (macro-F1, the default for classifiers), ...",
+    )
+    monitor_mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="Whether a lower or a higher `monitor` is better; auto: min for loss and perplexity."
+    )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many validations without a better validation loss."
+        None, ge=1, description="Stop after this many validations without a better `monitor` value."
+    )
+    export: Literal["best", "last"] = Field(
+        "best", description="Which weights the artifact's model holds: the best validation by `monitor` (kept as a "
+        "checkpoint when it happens), or the last step's. Without a validation split: the last.",
     )
     log_every: int = Field(5, ge=1)
     save_every: int = Field(50, ge=1, description="Resumable DeepSpeed checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1)
     tensorboard: bool = True
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        data = super().fingerprint_config()
+        data["model"].pop("from_", None)  # which section: its model's fingerprint is an input already
+        return data
+
+    def monitored(self) -> tuple[str, str]:
+        """(metric, 'min' | 'max') that early stopping and the best checkpoint follow."""
+        metric = self.monitor or ("f1" if self.objective == "classification" else "loss")
+        mode = self.monitor_mode
+        if mode == "auto":
+            mode = "min" if metric in ("loss", "perplexity") or metric.endswith("loss") else "max"
+        return metric, mode

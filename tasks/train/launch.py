@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import logging
 import os
@@ -11,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -137,10 +140,40 @@ _RANK_LINE = re.compile(r"^\s*rank\s*:\s*(\d+)")
 _EXIT_LINE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """End this process when the process that started it ends, however that ends (SIGKILL included):
+    Linux's parent-death signal, else a watchdog thread on the parent's pid. The launcher runs it in
+    torchrun before exec, every rank at start-up: a killed `kiln run` takes its launcher and ranks
+    with it instead of leaving them training into a staging directory a rerun will use."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, int(sig), 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
+                if os.getppid() != parent:  # the parent died before the signal was armed
+                    os._exit(128 + int(sig))
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()
+
+
+def _launcher_preexec() -> None:  # in the child, between fork and exec
+    os.setsid()  # its own process group: the launcher and its ranks are stopped together
+    die_with_parent()
+
+
 def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], None] | None = None,
-        cwd: str | None = None) -> list[dict[str, Any]]:
+        cwd: str | None = None, keep_fds: tuple[int, ...] = ()) -> list[dict[str, Any]]:
     """Start the ranks and wait. Every output line goes to the `kiln.train` logger; JSON event lines are
-    also handed to `on_event`. Raises TrainLaunchError naming the failing rank and its error."""
+    also handed to `on_event`. Raises TrainLaunchError naming the failing rank and its error. `keep_fds`
+    are passed on to the launcher (the unit's lock: it is held for as long as the launcher lives)."""
     cmd, env = command(cfg, run_json)
     log.info("launching %d rank(s): %s", world_size(cfg), " ".join(cmd))
     events: list[dict[str, Any]] = []
@@ -151,7 +184,7 @@ def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], No
     root_rank: int | None = None
     in_root_cause = False
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
+                            bufsize=1, preexec_fn=_launcher_preexec, pass_fds=tuple(fd for fd in keep_fds if fd is not None))
     try:
         assert proc.stdout is not None
         for line in proc.stdout:

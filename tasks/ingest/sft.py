@@ -10,19 +10,13 @@ reason: missing or non-text fields, empty fields, malformed turns, no assistant 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import Field
 
-from tasks.documents import meta_json, stable_id
-from tasks.ingest.stage import IngestConfig, IngestStage, _Emitter, _preview
-from tasks.tokenize.sft import (
-    SftFields,
-    SftRecordError,
-    normalize_sft_record,
-    plain_text,
-)
+from tasks.documents import meta_json
+from tasks.ingest.stage import IngestConfig, IngestStage, RecordEmitter, preview_record
+from tasks.tokenize.sft import SftFields, SftRecordError, normalize_sft_record, plain_text
 
 
 class SftIngestConfig(IngestConfig):
@@ -39,7 +33,7 @@ class SftIngestConfig(IngestConfig):
         return SftFields(self.instruction_field, self.input_field, self.output_field, self.messages_field)
 
 
-class _SftEmitter(_Emitter):
+class SftRecordEmitter(RecordEmitter):
     """Records become documents when they are instruction examples, rejects with a reason otherwise."""
 
     cfg: SftIngestConfig
@@ -49,9 +43,7 @@ class _SftEmitter(_Emitter):
         try:
             example = normalize_sft_record(rec, cfg.sft_fields())
         except SftRecordError as e:
-            return self.reject(e.reason, e.detail, _preview(rec), where)
-        raw_id = rec.get(cfg.id_field)
-        doc_id = str(raw_id) if raw_id is not None else stable_id(self.label, json.dumps(where, sort_keys=True))
+            return self.reject(e.reason, e.detail, preview_record(rec), where)
         url = rec.get(cfg.url_field) if isinstance(rec.get(cfg.url_field), str) else None
         lang = rec.get(cfg.lang_field) if isinstance(rec.get(cfg.lang_field), str) else None
         taken = {cfg.id_field, cfg.url_field, cfg.lang_field, cfg.instruction_field, cfg.input_field,
@@ -59,19 +51,17 @@ class _SftEmitter(_Emitter):
         meta = {k: v for k, v in rec.items() if k not in taken}
         meta["sft"] = example
         meta["_ingest"] = where
-        text = plain_text(example)
         try:
             meta_str = meta_json(meta)
             meta_str.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates from JSON escapes cannot be stored as UTF-8
             return self.reject("invalid_utf8", str(e), None, where)
-        self.stats.rows_in += 1
-        self.stats.rows_out += 1
-        self.out.write(self.docs.add(id=doc_id, text=text, source=self.label, url=url, lang=lang, meta=meta_str))
+        self.keep(id=self.document_id(rec, where), text=plain_text(example), source=self.label, url=url, lang=lang,
+                  meta=meta_str)
 
 
 class SftIngestStage(IngestStage):
     name = "sft_ingest"
     version = 1
     Config = SftIngestConfig
-    emitter = _SftEmitter
+    emitter = SftRecordEmitter

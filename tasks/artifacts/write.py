@@ -1,0 +1,240 @@
+"""Writing one unit of an artifact: kept rows, rejected rows (with a reason), other named tables.
+
+The writer owns the unit's stats: `write` counts rows out, `reject` counts a row rejected by reason,
+and the shared reader (`read_unit`) counts rows in, so a stage that keeps or drops what it reads has
+rows_in == rows_out + rows_rejected by construction (the runner checks it at the end of the unit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.artifacts.paths import DATA_TABLE, REJECTS_DIR, ArtifactError, join
+from tasks.artifacts.stats import StageStats
+
+# A rejected row keeps whatever could be recovered of the record plus why it was dropped.
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("lang", pa.string()),
+        pa.field("meta", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+# Rejected raw input is kept for inspection, but a 50 MB garbage line should not be copied whole.
+MAX_REJECT_TEXT_CHARS = 65_536
+REJECT_BATCH_ROWS = 1024
+
+
+class RowBatcher:
+    """Accumulates rows as columns and hands out Arrow batches of a bounded size."""
+
+    def __init__(self, schema: pa.Schema, batch_rows: int = 2048):
+        self.schema = schema
+        self.batch_rows = batch_rows
+        self._cols: dict[str, list] = {name: [] for name in schema.names}
+
+    def __len__(self) -> int:
+        return len(self._cols[self.schema.names[0]])
+
+    def add(self, **row: Any) -> pa.RecordBatch | None:
+        for name in self.schema.names:
+            self._cols[name].append(row.get(name))
+        return self.flush() if len(self) >= self.batch_rows else None
+
+    def flush(self) -> pa.RecordBatch | None:
+        if not len(self):
+            return None
+        batch = pa.RecordBatch.from_pydict(self._cols, schema=self.schema)
+        self._cols = {name: [] for name in self.schema.names}
+        return batch
+
+
+class ShardWriter:
+    """Writes one table of an artifact as Parquet shards, rolling to a new shard at a size limit."""
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        directory: str,
+        prefix: str,
+        max_rows: int,
+        max_bytes: int,
+        compression: str = "zstd",
+    ):
+        self.fs = fs
+        self.directory = directory
+        self.prefix = prefix
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.compression = compression
+        self.shards: list[str] = []
+        self.shard_rows: list[int] = []
+        self.rows = 0
+        self.bytes = 0  # uncompressed Arrow bytes written
+        self.schema: pa.Schema | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._file = None
+        self._shard_bytes = 0
+
+    def _open(self, schema: pa.Schema) -> None:
+        name = f"{self.prefix}-{len(self.shards):04d}.parquet"
+        self.fs.makedirs(self.directory, exist_ok=True)
+        self._file = self.fs.open(join(self.fs, self.directory, name), "wb")
+        self._writer = pq.ParquetWriter(self._file, schema, compression=self.compression)
+        self.shards.append(name)
+        self.shard_rows.append(0)
+        self._shard_bytes = 0
+
+    def write(self, data: pa.RecordBatch | pa.Table) -> None:
+        if data.num_rows == 0:
+            return
+        if self.schema is None:
+            self.schema = data.schema
+        elif not data.schema.equals(self.schema):
+            data = data.cast(self.schema)
+        offset = 0
+        while offset < data.num_rows:
+            if self._writer is None:
+                self._open(self.schema)
+            room = self.max_rows - self.shard_rows[-1]
+            piece = data.slice(offset, room)
+            self._writer.write(piece if isinstance(piece, pa.Table) else pa.Table.from_batches([piece]))
+            offset += piece.num_rows
+            self.shard_rows[-1] += piece.num_rows
+            self._shard_bytes += piece.nbytes
+            self.rows += piece.num_rows
+            self.bytes += piece.nbytes
+            if self.shard_rows[-1] >= self.max_rows or self._shard_bytes >= self.max_bytes:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()
+            self._writer = None
+            self._file = None
+
+    def close(self) -> None:
+        self._close_shard()
+
+    def summary(self) -> dict[str, Any]:
+        return {"shards": list(self.shards), "shard_rows": list(self.shard_rows), "rows": self.rows,
+                "bytes": self.bytes, "schema": self.schema.names if self.schema else None}
+
+
+class ArtifactWriter:
+    """What a stage writes one unit of work through.
+
+    - `write(batch)`: kept rows (the artifact's data table), counted as rows out;
+    - `reject(reason, detail, **row)`: one dropped row, counted under its reason, its text truncated
+      past MAX_REJECT_TEXT_CHARS, batched into the `rejects/` table;
+    - `table(name).write(batch)`: any other named table (`validation`, a report);
+    - `stats`: the unit's accounting (`stats.count(key, n)` for a stage's own counters).
+
+    Shards are named after the unit (`part-<unit>-<n>.parquet`), so the finished artifact's layout and
+    row order do not depend on which worker ran which unit, or when. `scratch` is a directory that
+    survives a killed attempt at the unit (a crawl keeps its frontier there, training its checkpoints'
+    run spec) and is dropped at commit; it is None on stores that are not local. `lock_fd`, when set,
+    is the open file whose lock marks this unit as being written: a launcher passes it on to the
+    processes it starts, so the lock lasts as long as any of them.
+    """
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        directory: str,
+        unit: int,
+        shard_rows: int = 100_000,
+        shard_bytes: int = 128 << 20,
+        on_rows: Any = None,
+        scratch: str | None = None,
+        on_progress: Any = None,
+        lock_fd: int | None = None,
+    ):
+        self.fs = fs
+        self.directory = directory
+        self.unit = unit
+        self._on_progress = on_progress
+        self.shard_rows = shard_rows
+        self.shard_bytes = shard_bytes
+        self.scratch = scratch
+        self.lock_fd = lock_fd
+        self.stats = StageStats()
+        self.tables: dict[str, ShardWriter] = {}
+        self.data = self.table(DATA_TABLE)
+        self.rejects = self.table(REJECTS_DIR)
+        self._reject_rows = RowBatcher(REJECT_SCHEMA, REJECT_BATCH_ROWS)
+        self._on_rows = on_rows
+
+    def table(self, name: str) -> ShardWriter:
+        if name not in self.tables:
+            if name != DATA_TABLE and not name.replace("_", "").replace("-", "").isalnum():
+                raise ArtifactError(f"bad table name {name!r}")
+            directory = self.directory if name == DATA_TABLE else join(self.fs, self.directory, name)
+            self.tables[name] = ShardWriter(self.fs, directory, f"part-{self.unit:05d}", self.shard_rows, self.shard_bytes)
+        return self.tables[name]
+
+    def write(self, data: pa.RecordBatch | pa.Table | None, count: bool = True) -> None:
+        """Kept rows. `count=False` for a stage whose rows out are not its data rows (set them itself)."""
+        if data is None or data.num_rows == 0:
+            return
+        self.data.write(data)
+        if count:
+            self.stats.rows_out += data.num_rows
+        if self._on_rows:
+            self._on_rows(data.num_rows)
+
+    def reject(self, reason: str, detail: str = "", **row: Any) -> None:
+        """One dropped row, with why (`reason`, a short stable code) and the particulars (`detail`).
+        `row` holds what could be recovered of it (id, text, source, url, lang, meta)."""
+        self.stats.reject(reason)
+        text = row.get("text")
+        if isinstance(text, str) and len(text) > MAX_REJECT_TEXT_CHARS:
+            detail = f"{detail} (text truncated from {len(text)} chars)"
+            row["text"] = text[:MAX_REJECT_TEXT_CHARS]
+        batch = self._reject_rows.add(**row, reason=reason, detail=detail)
+        if batch is not None:
+            self._write_rejects(batch)
+
+    def reject_batch(self, batch: pa.RecordBatch | pa.Table | None) -> None:
+        """Dropped rows prepared as a batch with a `reason` column (one count per row and reason)."""
+        if batch is None or batch.num_rows == 0:
+            return
+        if "reason" not in batch.schema.names:
+            raise ArtifactError("rejected rows need a 'reason' column")
+        for reason in batch.column("reason").to_pylist():
+            self.stats.reject(reason)
+        self._write_rejects(batch)
+
+    def _write_rejects(self, batch: pa.RecordBatch | pa.Table) -> None:
+        self.rejects.write(batch)
+        if self._on_rows:
+            self._on_rows(batch.num_rows)
+
+    def count(self, key: str, n: int | float = 1) -> None:
+        self.stats.count(key, n)
+
+    def progress(self, fraction: float, note: str = "") -> None:
+        """Report how far a long unit has got (training steps, crawled pages); Prefect shows it live."""
+        if self._on_progress:
+            self._on_progress(max(0.0, min(1.0, fraction)), note)
+
+    def close(self) -> None:
+        batch = self._reject_rows.flush()
+        if batch is not None:
+            self._write_rejects(batch)
+        for t in self.tables.values():
+            t.close()
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {name: t.summary() for name, t in self.tables.items()}
