@@ -74,12 +74,20 @@ def plan_pipeline(config: PipelineConfig, source: str = "config") -> list[Planne
             for want in step.reads:
                 optional = want.endswith("?")
                 slot = want.rstrip("?")
-                target = bound.get(slot, slot) if slot in bound or slot != "docs" else None
                 where = f"{section}.inputs.{slot}" if slot in cfg.inputs else section
                 if slot in names and slot not in cfg.inputs:  # a sibling phase of the same section
                     inputs.append(names[slot])
                     slots.append(slot)
-                elif slot == "docs" and target is None:
+                elif slot in bound:  # wired by the section's `inputs:` or by the stage from its config
+                    target = bound[slot]
+                    if target is None:
+                        continue  # not read
+                    if target not in section_names:
+                        raise ConfigError(f"{source}: {where}: {names[step.name]} reads the output of {target!r}: "
+                                          f"configure and enable a section named {target}")
+                    inputs.append(target)  # resolved to the section's own stage below
+                    slots.append(slot)
+                elif slot == "docs":
                     if not documents:
                         if optional:
                             continue
@@ -87,14 +95,12 @@ def plan_pipeline(config: PipelineConfig, source: str = "config") -> list[Planne
                                           f"({', '.join(k.name for k in KINDS if k.role == 'source')})")
                     inputs += documents
                     slots += ["docs"] * len(documents)
-                elif target is None:
-                    continue  # the config says this slot is not read
-                elif target in section_names:
-                    inputs.append(target)  # resolved to the section's own stage below
+                elif slot in section_names:
+                    inputs.append(slot)
                     slots.append(slot)
-                elif not optional or slot in cfg.inputs or slot in stage.bindings(cfg):
-                    raise ConfigError(f"{source}: {where}: {names[step.name]} reads the output of {target!r}: "
-                                      f"configure and enable a section named {target}")
+                elif not optional:
+                    raise ConfigError(f"{source}: {names[step.name]} reads the output of {slot}: configure and "
+                                      f"enable {slot}")
             planned.append(PlannedStage(name=names[step.name], kind=step.name, section=section, stage=stage, cfg=cfg,
                                         inputs=inputs, slots=slots, role=step.role))
         own_role = kind(kind_name).role

@@ -29,7 +29,7 @@ from prefect.tasks import exponential_backoff
 from flows.config import PipelineConfig, StoreConfig
 from flows.plan import PlannedStage, store_for
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.stage import commit_stage, plan_units, run_unit
+from tasks.stage import StageInputError, commit_stage, plan_units, run_unit
 from tasks.table import get_stage
 
 
@@ -251,19 +251,30 @@ def run_planned_stage(
     n_units = 0
     common = dict(stage_name=p.name, kind=p.kind, cfg=cfg, input_paths=input_paths, slots=p.slots,
                   store_cfg=store_cfg, fp=p.fingerprint)
-    if refresh or not committed:
-        staging = store.staging(p.kind, p.fingerprint)
-        if refresh:
-            staging.recompute_all()
-        units = plan_units(p.stage, _open_inputs(input_paths, p.slots), p.cfg, config.runtime.workers)
-        n_units = len(units)
-        futures = stage_unit.with_options(**retry).map(
-            **{k: unmapped(v) for k, v in common.items()},
-            index=list(range(n_units)), unit=units, n_units=unmapped(n_units),
+    with _naming_the_section(p):
+        if refresh or not committed:
+            staging = store.staging(p.kind, p.fingerprint)
+            if refresh:
+                staging.recompute_all()
+            units = plan_units(p.stage, _open_inputs(input_paths, p.slots), p.cfg, config.runtime.workers)
+            n_units = len(units)
+            futures = stage_unit.with_options(**retry).map(
+                **{k: unmapped(v) for k, v in common.items()},
+                index=list(range(n_units)), unit=units, n_units=unmapped(n_units),
+            )
+            _follow(p.name, futures, n_units)
+            futures.result()  # raises the first failed unit's error
+        ref = stage_commit.with_options(refresh_cache=refresh or not committed, **retry)(
+            **common, n_units=n_units, wall_seconds=time.perf_counter() - t0, replace=refresh,
         )
-        _follow(p.name, futures, n_units)
-        futures.result()  # raises the first failed unit's error
-    ref = stage_commit.with_options(refresh_cache=refresh or not committed, **retry)(
-        **common, n_units=n_units, wall_seconds=time.perf_counter() - t0, replace=refresh,
-    )
     return {**ref, "cached": committed and not refresh}
+
+
+@contextlib.contextmanager
+def _naming_the_section(p: PlannedStage):
+    """A stage names the field of its own config that is wrong (`path: cannot load ...`); the run says
+    which section that config is (`tokenizer.path: ...`)."""
+    try:
+        yield
+    except StageInputError as e:
+        raise StageInputError(f"{p.section}.{e.field}", e.message) from None

@@ -49,10 +49,11 @@ class StageConfig(BaseModel):
         None, description="The stage kind of a section whose name is not a kind's name: a pipeline can hold "
         "several instances of a kind, e.g. `sft: {kind: train, ...}` beside `train:`.",
     )
-    inputs: dict[str, str] = Field(
+    inputs: dict[str, str | None] = Field(
         default_factory=dict,
         description="Which section fills each of this stage's inputs, where not the default, e.g. "
-        "{pack: sft_pack} or {docs: labelled}. `kiln stages CONFIG` shows every stage's inputs.",
+        "{data: sft_pack} or {docs: labelled}; null: the input is not read. `kiln stages CONFIG` shows every "
+        "stage's inputs.",
     )
     enabled: bool = Field(True, description="Run this stage. A disabled stage is skipped and its input passed on.")
     retries: int = Field(2, ge=0, le=20, description="Prefect task retries for this stage's tasks.")
@@ -71,6 +72,9 @@ class StageInputError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+    def __reduce__(self):  # survives the trip from a Dask / Ray / process worker
+        return (type(self), (self.field, self.message))
 
 
 class Stage(ABC):

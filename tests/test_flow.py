@@ -199,3 +199,58 @@ def test_training_in_the_flow_reports_progress_logs_and_loss_curve(tmp_path):
     assert set(data_flow(config=cfg)) == {"ingest", "tokenizer", "tokenize", "pack"}  # the data flow stops at pack
     again = train_flow(config=cfg, return_state=True)
     assert again.result()["train"]["cached"] is True and task_states(again) == {"train": ["Cached"]}
+
+
+@pytest.mark.slow
+def test_two_training_sections_the_second_starts_from_the_first(tmp_path):
+    """A pretraining run and an SFT run that starts from its model, as two sections of one pipeline: the
+    SFT run's fingerprint chains the pretraining run's, the model it starts from is the first run's export,
+    and a rerun of the pipeline is all cached."""
+    import json
+
+    from conftest import REPO, write_jsonl
+    from flows.plan import plan_pipeline
+    from flows.train import train_flow
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"Repeat the word {w}.", "output": f"{w} {w}"}
+                                               for w in ("module", "function", "class", "string", "list", "value")] * 4)
+    tiny = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2}
+    cfg = PipelineConfig.model_validate({
+        "store": {"root": str(tmp_path / "store")},
+        "ingest": {"paths": [os.path.join(REPO, "examples", "data")]},
+        "sft_ingest": {"paths": [sft]},
+        "tokenizer": {"vocab_size": 512},
+        "tokenize": {},
+        "sft_tokenize": {"template": "alpaca"},
+        "pack": {"seq_len": 64, "inputs": {"sft_tokenize": None}},  # pretraining text only
+        "sft_pack": {"kind": "pack", "seq_len": 256, "validation_fraction": 0.2, "inputs": {"tokenize": None}},
+        "train": {"model": {"init": tiny}, "max_steps": 4, "micro_batch_size": 2, "eval_every": 4, "eval_batches": 1,
+                  "save_every": 4},
+        "sft": {"kind": "train", "objective": "sft", "model": {"from": "train"}, "inputs": {"data": "sft_pack"},
+                "max_steps": 3, "micro_batch_size": 2, "eval_every": 3, "eval_batches": 1, "save_every": 3,
+                # a learning rate below float32 resolution: the weights stay where the run started
+                "optim": {"lr": 1e-30, "warmup_steps": 0}, "export": "last"},
+    })
+    planned = {p.name: p for p in plan_pipeline(cfg)}
+    assert planned["sft"].inputs == ["sft_pack", "tokenizer", "train"] and planned["sft"].kind == "train"
+    assert planned["sft_pack"].inputs == ["sft_tokenize"] and planned["pack"].inputs == ["tokenize"]
+    assert [p for p in planned].index("sft") > [p for p in planned].index("train")
+    refs = pipeline(config=cfg)
+    assert {"train", "sft", "pack", "sft_pack"} <= set(refs)
+    sft_art = Artifact.open(refs["sft"]["path"])
+    assert {i["slot"]: i["fingerprint"] for i in sft_art.manifest["inputs"]}["model"] == refs["train"]["fingerprint"]
+    run = json.load(open(os.path.join(sft_art.path, "metrics.json")))
+    assert run["objective"] == "sft" and run["steps"] == 3
+    # the second run started from the first run's weights (and, at this learning rate, kept them)
+    from safetensors.torch import load_file
+
+    first = load_file(os.path.join(refs["train"]["path"], "model.safetensors"))
+    second = load_file(os.path.join(sft_art.path, "model.safetensors"))
+    assert first.keys() == second.keys() and all(first[k].equal(second[k]) for k in first)
+
+    again = pipeline(config=cfg, return_state=True)
+    assert all(r["cached"] for r in again.result().values())
+    assert all(v == ["Cached"] for v in task_states(again).values())
+    models = train_flow(config=cfg)
+    assert set(models) == {"train", "sft"} and all(r["cached"] for r in models.values())

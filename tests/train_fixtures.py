@@ -23,8 +23,10 @@ def _as_artifact(path: str, stage: str, fp: str) -> Artifact:
     return Artifact.open(path)
 
 
-def make_tokenizer(directory: str, vocab_size: int = 384) -> Artifact:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(directory: str, vocab_size: int = 384, bos: bool = False) -> Artifact:
+    """`bos`: the tokenizer puts <|bos|> before every text, as a BERT tokenizer puts [CLS] (a classifier
+    that pools the first token needs one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -33,6 +35,8 @@ def make_tokenizer(directory: str, vocab_size: int = 384) -> Artifact:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(sample_texts(), trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
     os.makedirs(directory, exist_ok=True)
     fast.save_pretrained(directory)

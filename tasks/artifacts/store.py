@@ -440,8 +440,8 @@ class DuplicateIds:
     Ids are hashed to 64 bits in one pass over the id columns (8 bytes a row in memory); rows whose
     hash repeats are checked against the real strings in a second pass over just those shards. A unit
     that loses rows is rewritten under new shard names and its marker replaced last, so a commit
-    killed half way is simply redone; its reuse key is dropped, since what it kept now depends on
-    the units before it."""
+    killed half way is simply redone. A unit that lost rows to an earlier unit drops its reuse key
+    (what it keeps now depends on the units before it); one that only repeated its own ids keeps it."""
 
     def __init__(self, staging: Staging):
         self.staging = staging
@@ -498,10 +498,16 @@ class DuplicateIds:
                 else:
                     first_kept[key] = units[ui]["unit"]
         for ui in sorted({ui for ui, _ in drops}):
-            units[ui] = self._rewrite(units[ui], {si: rows for (u, si), rows in drops.items() if u == ui}, first_kept)
+            mine = {si: rows for (u, si), rows in drops.items() if u == ui}
+            # a unit that only repeated its own ids is still a function of its input alone: reusable
+            ids_dropped = {self._ids(units[ui]["tables"][DATA_TABLE]["shards"][si])[r] for si, rows in mine.items()
+                           for r in rows}
+            own = all(first_kept[i] == units[ui]["unit"] for i in ids_dropped)
+            units[ui] = self._rewrite(units[ui], mine, first_kept, keep_key=own)
         return units
 
-    def _rewrite(self, record: dict[str, Any], drops: dict[int, list[int]], kept_by: dict[Any, int]) -> dict[str, Any]:
+    def _rewrite(self, record: dict[str, Any], drops: dict[int, list[int]], kept_by: dict[Any, int],
+                 keep_key: bool = False) -> dict[str, Any]:
         import numpy as np
 
         unit = record["unit"]
@@ -557,7 +563,7 @@ class DuplicateIds:
         stats = StageStats.from_dict(record["stats"])
         stats.rows_out -= n
         stats.reject("duplicate_id", n)
-        new = {k: v for k, v in record.items() if k not in ("key", "reused_from")}
+        new = {k: v for k, v in record.items() if k not in (() if keep_key else ("key", "reused_from"))}
         new.update(tables=tables, stats=stats.to_dict())
         self.staging._write_marker(unit, new)  # the new shards count from here on
         for name in old:

@@ -56,7 +56,7 @@ def save_dataset_dict(
             with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as stream:
                 for shard in shards:
                     with fs.open(shard, "rb") as f:
-                        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=schema.names):
                             stream.write_batch(batch.cast(schema))
                             rows += batch.num_rows
             if rows:

@@ -58,6 +58,12 @@ class TrainStage(Stage):
 
     def plan(self, inputs: list[Artifact], cfg: TrainConfig) -> list[dict[str, Any]]:
         data, _, model = self._inputs(inputs, cfg)
+        splits = (data.manifest.get("hf_dataset") or {}).get("splits")
+        if splits is not None and "train" not in splits:
+            st = data.stats
+            why = ", ".join(f"{r} {n}" for r, n in st.rejected.items()) or "no input rows"
+            raise StageInputError("inputs", f"{data.path} has no training rows ({data.stage} kept {st.rows_out} of "
+                                  f"{st.rows_in}; rejected: {why})")
         if cfg.objective == "classification":
             labels = data.manifest.get("labels")
             if not labels:
