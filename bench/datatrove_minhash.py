@@ -37,8 +37,13 @@ def main() -> None:
     t_import = time.perf_counter()
     import datatrove
     from datatrove.executor.local import LocalPipelineExecutor
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
@@ -46,8 +51,13 @@ def main() -> None:
 
     import_s = time.perf_counter() - t_import
     w = args.work_dir
-    cfg = MinhashConfig(n_grams=args.ngram, num_buckets=args.buckets, hashes_per_bucket=args.rows, seed=1,
-                        hash_config=HashConfig(precision=64))
+    cfg = MinhashConfig(
+        n_grams=args.ngram,
+        num_buckets=args.buckets,
+        hashes_per_bucket=args.rows,
+        seed=1,
+        hash_config=HashConfig(precision=64),
+    )
 
     def reader():
         return JsonlReader(args.in_dir, id_key="id", text_key="text", compression=None, glob_pattern="*.jsonl")
@@ -55,20 +65,40 @@ def main() -> None:
     stages = {
         "signatures": LocalPipelineExecutor(
             [reader(), MinhashDedupSignature(output_folder=f"{w}/sigs", config=cfg, language=Languages.english)],
-            tasks=args.tasks, workers=1, logging_dir=f"{w}/logs/sigs"),
+            tasks=args.tasks,
+            workers=1,
+            logging_dir=f"{w}/logs/sigs",
+        ),
         "buckets": LocalPipelineExecutor(
             [MinhashDedupBuckets(input_folder=f"{w}/sigs", output_folder=f"{w}/buckets", config=cfg)],
-            tasks=cfg.num_buckets, workers=1, logging_dir=f"{w}/logs/buckets"),
+            tasks=cfg.num_buckets,
+            workers=1,
+            logging_dir=f"{w}/logs/buckets",
+        ),
         "clusters": LocalPipelineExecutor(
-            [MinhashDedupCluster(input_folder=f"{w}/buckets", output_folder=f"{w}/remove_ids", config=cfg,
-                                 save_cluster_id=True)],
-            tasks=1, workers=1, logging_dir=f"{w}/logs/clusters"),
+            [
+                MinhashDedupCluster(
+                    input_folder=f"{w}/buckets", output_folder=f"{w}/remove_ids", config=cfg, save_cluster_id=True
+                )
+            ],
+            tasks=1,
+            workers=1,
+            logging_dir=f"{w}/logs/clusters",
+        ),
         "filter": LocalPipelineExecutor(
-            [reader(),
-             MinhashDedupFilter(input_folder=f"{w}/remove_ids", load_cluster_ids=True,
-                                exclusion_writer=JsonlWriter(f"{w}/removed", compression=None)),
-             JsonlWriter(f"{w}/output", compression=None)],
-            tasks=args.tasks, workers=1, logging_dir=f"{w}/logs/filter"),
+            [
+                reader(),
+                MinhashDedupFilter(
+                    input_folder=f"{w}/remove_ids",
+                    load_cluster_ids=True,
+                    exclusion_writer=JsonlWriter(f"{w}/removed", compression=None),
+                ),
+                JsonlWriter(f"{w}/output", compression=None),
+            ],
+            tasks=args.tasks,
+            workers=1,
+            logging_dir=f"{w}/logs/filter",
+        ),
     }
     times = {}
     t0 = time.perf_counter()
@@ -90,9 +120,21 @@ def main() -> None:
     removals = [{"id": i, "kept_id": kept.get(c, i)} for i, c in read(f"{w}/removed")]
     with open(os.path.join(w, "removals.json"), "w") as f:
         json.dump(removals, f)
-    print(json.dumps({"seconds": total, "stages": times, "import_s": import_s, "peak_rss_mb": peak,
-                      "removed": len(removals), "version": datatrove.__version__ if hasattr(datatrove, "__version__")
-                      else _version(), "config": str(cfg), "tasks": args.tasks, "workers": 1}))
+    print(
+        json.dumps(
+            {
+                "seconds": total,
+                "stages": times,
+                "import_s": import_s,
+                "peak_rss_mb": peak,
+                "removed": len(removals),
+                "version": datatrove.__version__ if hasattr(datatrove, "__version__") else _version(),
+                "config": str(cfg),
+                "tasks": args.tasks,
+                "workers": 1,
+            }
+        )
+    )
 
 
 def _hwm_mb() -> float:

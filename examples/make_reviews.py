@@ -14,16 +14,68 @@ import json
 import random
 import sys
 
-SUBJECTS = ["the film", "this phone", "the hotel", "our dinner", "the concert", "this book", "the service",
-            "the new album", "the laptop", "this game", "the tour", "the coffee", "the museum", "the sequel"]
-POSITIVE = ["wonderful", "excellent", "superb", "delightful", "brilliant", "lovely", "fantastic", "great",
-            "charming", "impressive"]
-NEGATIVE = ["awful", "terrible", "dull", "disappointing", "horrible", "boring", "broken", "mediocre",
-            "annoying", "dreadful"]
-NEUTRAL = ["arrived on tuesday", "was described in the brochure", "costs twenty euros", "is on the second floor",
-           "lasted two hours", "comes in blue and grey", "was reviewed last week", "opens at nine"]
-FILLERS = ["honestly", "we thought", "overall", "i must say", "to be fair", "in the end", "my friend said",
-           "as expected", "this time", "again"]
+SUBJECTS = [
+    "the film",
+    "this phone",
+    "the hotel",
+    "our dinner",
+    "the concert",
+    "this book",
+    "the service",
+    "the new album",
+    "the laptop",
+    "this game",
+    "the tour",
+    "the coffee",
+    "the museum",
+    "the sequel",
+]
+POSITIVE = [
+    "wonderful",
+    "excellent",
+    "superb",
+    "delightful",
+    "brilliant",
+    "lovely",
+    "fantastic",
+    "great",
+    "charming",
+    "impressive",
+]
+NEGATIVE = [
+    "awful",
+    "terrible",
+    "dull",
+    "disappointing",
+    "horrible",
+    "boring",
+    "broken",
+    "mediocre",
+    "annoying",
+    "dreadful",
+]
+NEUTRAL = [
+    "arrived on tuesday",
+    "was described in the brochure",
+    "costs twenty euros",
+    "is on the second floor",
+    "lasted two hours",
+    "comes in blue and grey",
+    "was reviewed last week",
+    "opens at nine",
+]
+FILLERS = [
+    "honestly",
+    "we thought",
+    "overall",
+    "i must say",
+    "to be fair",
+    "in the end",
+    "my friend said",
+    "as expected",
+    "this time",
+    "again",
+]
 LABELS = ["negative", "neutral", "positive"]
 
 
@@ -35,8 +87,9 @@ def review(rng: random.Random, label: str) -> str:
     else:
         words = POSITIVE if label == "positive" else NEGATIVE
         a, b = rng.sample(words, 2)
-        body = rng.choice([f"{subject} was {a} and {b}", f"{a} {subject.split(' ', 1)[1]}, really {b}",
-                           f"{subject} felt {a}"])
+        body = rng.choice(
+            [f"{subject} was {a} and {b}", f"{a} {subject.split(' ', 1)[1]}, really {b}", f"{subject} felt {a}"]
+        )
     parts = [filler, body] if rng.random() < 0.5 else [body, filler]
     return (", ".join(parts) + rng.choice([".", "!", "."])).capitalize()
 

@@ -37,7 +37,17 @@ def main() -> None:
     docs = docstrings()
     with open(os.path.join(OUT, "stdlib_docstrings.jsonl"), "w", encoding="utf-8") as f:
         for name, doc in docs[20:]:
-            f.write(json.dumps({"id": f"stdlib/{name}", "text": doc, "url": f"https://docs.python.org/3/library/{name}.html", "module": name}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"stdlib/{name}",
+                        "text": doc,
+                        "url": f"https://docs.python.org/3/library/{name}.html",
+                        "module": name,
+                    }
+                )
+                + "\n"
+            )
     text_dir = os.path.join(OUT, "text")
     os.makedirs(text_dir, exist_ok=True)
     for name, doc in docs[:20]:

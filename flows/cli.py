@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -51,10 +51,12 @@ def _human(n: float) -> str:
 @app.command()
 def run(
     config: str = typer.Argument(..., help="Pipeline config YAML."),
-    only: Optional[str] = typer.Option(None, "--only", help="Run just this stage (its inputs must be committed)."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="Recompute this stage and every stage after it."),
+    only: str | None = typer.Option(None, "--only", help="Run just this stage (its inputs must be committed)."),
+    from_stage: str | None = typer.Option(None, "--from", help="Recompute this stage and every stage after it."),
     refresh: list[str] = typer.Option([], "--refresh", help="Recompute this stage even if cached (repeatable)."),
-    sets: list[str] = typer.Option([], "--set", help="Override a config value: key=value, e.g. store.root=/tmp/k (repeatable)."),
+    sets: list[str] = typer.Option(
+        [], "--set", help="Override a config value: key=value, e.g. store.root=/tmp/k (repeatable)."
+    ),
 ) -> None:
     """Run the pipeline; finished stages come back from cache."""
     cfg = _load(config, sets)
@@ -110,10 +112,16 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
             notes.append("  rejected by reason: " + ", ".join(f"{k} {v:,}" for k, v in st["rejected"].items()))
         extra = st.get("extra", {})
         if extra.get("final_validation_loss") is not None:
-            scores = ", ".join(f"{k} {extra['final_' + k]:.3f}" for k in ("perplexity", "accuracy", "f1")
-                               if extra.get("final_" + k) is not None)
-            best = (f"; exported step {extra['exported_step']} (best {extra['monitor']} {extra['best']:.4f})"
-                    if extra.get("best") is not None else "")
+            scores = ", ".join(
+                f"{k} {extra['final_' + k]:.3f}"
+                for k in ("perplexity", "accuracy", "f1")
+                if extra.get("final_" + k) is not None
+            )
+            best = (
+                f"; exported step {extra['exported_step']} (best {extra['monitor']} {extra['best']:.4f})"
+                if extra.get("best") is not None
+                else ""
+            )
             notes.append(
                 f"  {extra['steps']} steps, {extra['tokens_trained']:,} tokens; validation loss "
                 f"{extra['first_validation_loss']:.3f} -> {extra['final_validation_loss']:.3f} ({scores}){best}; "
@@ -122,7 +130,9 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
     console.print(table)
     for line in notes:
         console.print(line, highlight=False, soft_wrap=True)
-    console.print("Inspect an artifact with [bold]kiln inspect PATH[/]; see the runs with [bold]prefect server start[/].")
+    console.print(
+        "Inspect an artifact with [bold]kiln inspect PATH[/]; see the runs with [bold]prefect server start[/]."
+    )
 
 
 @app.command()
@@ -144,10 +154,16 @@ def stages(
     for col in ("stage", "kind", "reads", "fingerprint", "status", "path"):
         table.add_column(col, overflow="fold")
     for p in planned:
-        reads = ", ".join(i if s in (i, "docs") or i.endswith("." + s) else f"{s}={i}" for i, s in zip(p.inputs, p.slots))
+        reads = ", ".join(
+            i if s in (i, "docs") or i.endswith("." + s) else f"{s}={i}" for i, s in zip(p.inputs, p.slots)
+        )
         table.add_row(
-            p.name, p.kind if p.kind != p.name else "", reads or "-", p.fingerprint,
-            "[green]cached[/]" if p.committed else "[yellow]to run[/]", p.path,
+            p.name,
+            p.kind if p.kind != p.name else "",
+            reads or "-",
+            p.fingerprint,
+            "[green]cached[/]" if p.committed else "[yellow]to run[/]",
+            p.path,
         )
     console.print(table)
 
@@ -188,9 +204,15 @@ def inspect(
         console.print_json(json.dumps(m))
         return
     st = m["stats"]
-    console.print(f"[bold]{m['stage']}[/] v{m['stage_version']}  fingerprint [cyan]{m['fingerprint']}[/]  created {m['created_at']}")
+    console.print(
+        f"[bold]{m['stage']}[/] v{m['stage_version']}  fingerprint [cyan]{m['fingerprint']}[/]  "
+        f"created {m['created_at']}"
+    )
     console.print(f"path: {art.path}")
-    console.print(f"rows: {m['rows']:,} in {len(m['shards'])} shard(s), {_human(m['bytes'])} (arrow); rejects: {m['rejects_rows']:,}")
+    console.print(
+        f"rows: {m['rows']:,} in {len(m['shards'])} shard(s), {_human(m['bytes'])} (arrow); "
+        f"rejects: {m['rejects_rows']:,}"
+    )
     others = [f"{n} ({t['rows']:,} rows)" for n, t in m.get("tables", {}).items() if n not in ("data", "rejects")]
     if others:
         console.print("other tables: " + ", ".join(others))
@@ -237,7 +259,9 @@ def _print_rows(rows: list[dict[str, Any]], title: str) -> None:
         console.rule(f"row {i}", align="left")
         for c, v in r.items():
             s = "null" if v is None else str(v).replace("\n", "⏎ ")
-            console.print(f"[cyan]{c}[/]: " + (s[:300] + f"… ({len(s):,} chars)" if len(s) > 300 else s), highlight=False)
+            console.print(
+                f"[cyan]{c}[/]: " + (s[:300] + f"… ({len(s):,} chars)" if len(s) > 300 else s), highlight=False
+            )
 
 
 @app.command()
@@ -293,13 +317,26 @@ def _du(store, path: str) -> int:
 @app.command("stage")
 def stage_cmd(
     name: str = typer.Argument(..., help="Stage name (see `kiln stage --help`)."),
-    inputs: list[str] = typer.Option([], "--input", "-i", help="Input JSONL / Parquet / text files, dirs or globs, or committed artifacts (repeatable; a crawl needs none)."),
-    output: str = typer.Option(..., "--output", "-o", help="Directory to write Parquet shards, _manifest.json and rejects/ into."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML with the stage's settings (the stage section, or a pipeline config)."),
+    inputs: list[str] = typer.Option(
+        [],
+        "--input",
+        "-i",
+        help="Input JSONL / CSV / Parquet / text files, dirs or globs, or committed artifacts "
+        "(repeatable; a crawl needs none).",
+    ),
+    output: str = typer.Option(
+        ..., "--output", "-o", help="Directory to write Parquet shards, _manifest.json and rejects/ into."
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="YAML with the stage's settings (the stage section, or a pipeline config)."
+    ),
     sets: list[str] = typer.Option([], "--set", help="Override a setting: key=value (dotted keys, YAML values)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already holds an artifact."),
     workers: int = typer.Option(
-        0, "--workers", "-w", min=0,
+        0,
+        "--workers",
+        "-w",
+        min=0,
         help="Worker processes for the units (0: one per CPU core). A single input shard is cut into row "
         "ranges so that every worker has work; the output's rows are the same.",
     ),
@@ -352,9 +389,15 @@ def stage_cmd(
 
     t0 = time.perf_counter()
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rows]:,} rows"),
-        TimeElapsedColumn(), console=err, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rows]:,} rows"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
     ) as bar:
+
         def runner(stg, c, ins, out_dir):
             task_id = bar.add_task(stg.name, total=None, rows=0)
             state = {"rows": 0}
@@ -369,8 +412,9 @@ def stage_cmd(
             staging = staging_for_directory(out_dir)
             staging.discard()  # `kiln stage` does not resume: it is the quick, explicit path
             fp = stg.fingerprint(c, [a.fingerprint for a in ins])
-            return run_stage(stg, c, ins, staging, fp, progress, on_plan=lambda n: bar.update(task_id, total=n),
-                             workers=n_workers)
+            return run_stage(
+                stg, c, ins, staging, fp, progress, on_plan=lambda n: bar.update(task_id, total=n), workers=n_workers
+            )
 
         import tempfile
 
@@ -395,7 +439,7 @@ def stage_cmd(
 def serve(
     file: str = typer.Option(None, "--file", "-f", help="Deployments file (default: deployments/prefect.yaml)."),
     names: list[str] = typer.Option([], "--name", help="Serve only this deployment (repeatable)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Most flow runs to execute at once."),
+    limit: int | None = typer.Option(None, "--limit", help="Most flow runs to execute at once."),
 ) -> None:
     """Serve the deployments (schedules, UI-triggered runs) from this process, against a Prefect server."""
     from flows import serve as serving

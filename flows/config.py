@@ -108,8 +108,10 @@ class PipelineConfig(_PipelineBase):
         for name, cfg in self.sections():
             if name in KIND_BY_NAME:
                 if cfg.kind not in (None, name):
-                    raise ValueError(f"{name}.kind: the `{name}` section is the {name} stage; name another "
-                                     f"section for a {cfg.kind} stage")
+                    raise ValueError(
+                        f"{name}.kind: the `{name}` section is the {name} stage; name another "
+                        f"section for a {cfg.kind} stage"
+                    )
             elif not SECTION_NAME.match(name):
                 raise ValueError(f"{name}: a section name is lower case letters, digits and _, starting with a letter")
         return self

@@ -44,7 +44,10 @@ def run_stages(
 
 
 def run_data_stages(
-    config: PipelineConfig, only: str | None = None, from_stage: str | None = None, refresh: list[str] | None = None,
+    config: PipelineConfig,
+    only: str | None = None,
+    from_stage: str | None = None,
+    refresh: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     return run_stages(config, only, from_stage, refresh)
 

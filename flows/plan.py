@@ -60,16 +60,20 @@ def plan_pipeline(config: PipelineConfig, source: str = "config") -> list[Planne
     documents: list[str] = []  # planned names whose outputs are the current documents
     for section, kind_name, cfg in sections:
         steps = steps_of(kind_name)
-        names = {s.name: (s.name if section == kind_name else (section if s.name == kind_name else f"{section}.{s.name}"))
-                 for s in steps}
+        names = {
+            s.name: (s.name if section == kind_name else (section if s.name == kind_name else f"{section}.{s.name}"))
+            for s in steps
+        }
         main_step[section] = names[kind_name]
         for step in steps:
             stage = step.stage()
             bound = {**stage.bindings(cfg), **cfg.inputs}
             unknown = sorted(set(cfg.inputs) - {r.rstrip("?") for s in steps for r in s.reads})
             if unknown:
-                raise ConfigError(f"{source}: {section}.inputs: {', '.join(unknown)} is not an input of {kind_name} "
-                                  f"(its inputs: {', '.join(sorted({r.rstrip('?') for s in steps for r in s.reads}))})")
+                raise ConfigError(
+                    f"{source}: {section}.inputs: {', '.join(unknown)} is not an input of {kind_name} "
+                    f"(its inputs: {', '.join(sorted({r.rstrip('?') for s in steps for r in s.reads}))})"
+                )
             inputs, slots = [], []
             for want in step.reads:
                 optional = want.endswith("?")
@@ -83,33 +87,51 @@ def plan_pipeline(config: PipelineConfig, source: str = "config") -> list[Planne
                     if target is None:
                         continue  # not read
                     if target not in section_names:
-                        raise ConfigError(f"{source}: {where}: {names[step.name]} reads the output of {target!r}: "
-                                          f"configure and enable a section named {target}")
+                        raise ConfigError(
+                            f"{source}: {where}: {names[step.name]} reads the output of {target!r}: "
+                            f"configure and enable a section named {target}"
+                        )
                     inputs.append(target)  # resolved to the section's own stage below
                     slots.append(slot)
                 elif slot == "docs":
                     if not documents:
                         if optional:
                             continue
-                        raise ConfigError(f"{source}: {names[step.name]} reads documents: configure a source stage "
-                                          f"({', '.join(k.name for k in KINDS if k.role == 'source')})")
+                        raise ConfigError(
+                            f"{source}: {names[step.name]} reads documents: configure a source stage "
+                            f"({', '.join(k.name for k in KINDS if k.role == 'source')})"
+                        )
                     inputs += documents
                     slots += ["docs"] * len(documents)
                 elif slot in section_names:
                     inputs.append(slot)
                     slots.append(slot)
                 elif not optional:
-                    raise ConfigError(f"{source}: {names[step.name]} reads the output of {slot}: configure and "
-                                      f"enable {slot}")
-            planned.append(PlannedStage(name=names[step.name], kind=step.name, section=section, stage=stage, cfg=cfg,
-                                        inputs=inputs, slots=slots, role=step.role))
+                    raise ConfigError(
+                        f"{source}: {names[step.name]} reads the output of {slot}: configure and enable {slot}"
+                    )
+            planned.append(
+                PlannedStage(
+                    name=names[step.name],
+                    kind=step.name,
+                    section=section,
+                    stage=stage,
+                    cfg=cfg,
+                    inputs=inputs,
+                    slots=slots,
+                    role=step.role,
+                )
+            )
         own_role = kind(kind_name).role
         if own_role == "source":
             documents.append(main_step[section])
         elif own_role == "filter":
             documents = [main_step[section]]
     if not planned:
-        raise ConfigError(f"{source}: no stage is configured and enabled (stages: {', '.join(k.name for k in KINDS if k.has_section)})")
+        raise ConfigError(
+            f"{source}: no stage is configured and enabled "
+            f"(stages: {', '.join(k.name for k in KINDS if k.has_section)})"
+        )
     for p in planned:
         p.inputs = [main_step.get(i, i) for i in p.inputs]
 

@@ -20,8 +20,13 @@ def task_runner(runtime: RuntimeConfig):
         if runtime.dask_address:
             return DaskTaskRunner(address=runtime.dask_address)
         return DaskTaskRunner(
-            cluster_kwargs={"n_workers": runtime.workers, "threads_per_worker": 1, "processes": True,
-                            "host": "127.0.0.1", "dashboard_address": None}
+            cluster_kwargs={
+                "n_workers": runtime.workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "host": "127.0.0.1",
+                "dashboard_address": None,
+            }
         )
     if runtime.task_runner == "ray":
         try:

@@ -46,13 +46,19 @@ def _schedules(d: dict[str, Any]) -> list[Any]:
 
     out = []
     for s in d.get("schedules") or []:
-        common = {"timezone": s.get("timezone"), "active": s.get("active", True), "parameters": s.get("parameters") or {}}
+        common = {
+            "timezone": s.get("timezone"),
+            "active": s.get("active", True),
+            "parameters": s.get("parameters") or {},
+        }
         if "cron" in s:
             out.append(Cron(s["cron"], **common))
         elif "interval" in s:
             out.append(Interval(s["interval"], **common))
         else:
-            raise ConfigError(f"deployment {d['name']}: a schedule needs `cron` or `interval` (rrule: use prefect deploy)")
+            raise ConfigError(
+                f"deployment {d['name']}: a schedule needs `cron` or `interval` (rrule: use prefect deploy)"
+            )
     return out
 
 

@@ -50,8 +50,16 @@ def _open_inputs(input_paths: list[str], slots: list[str] | None) -> list[Artifa
 
 @task(name="stage-unit", task_run_name="{stage_name}[{index}]", persist_result=False)
 def stage_unit(
-    stage_name: str, kind: str, cfg: dict[str, Any], input_paths: list[str], slots: list[str],
-    store_cfg: dict[str, Any], fp: str, index: int, unit: dict[str, Any], n_units: int,
+    stage_name: str,
+    kind: str,
+    cfg: dict[str, Any],
+    input_paths: list[str],
+    slots: list[str],
+    store_cfg: dict[str, Any],
+    fp: str,
+    index: int,
+    unit: dict[str, Any],
+    n_units: int,
 ) -> dict[str, Any]:
     stage = get_stage(kind)
     config = stage.Config.model_validate(cfg)
@@ -62,7 +70,13 @@ def stage_unit(
     s = result["stats"]
     get_run_logger().info(
         "%s unit %d/%d: %d rows in, %d kept, %d rejected %s%s",
-        stage_name, index + 1, n_units, s["rows_in"], s["rows_out"], s["rows_rejected"], s["rejected"] or "",
+        stage_name,
+        index + 1,
+        n_units,
+        s["rows_in"],
+        s["rows_out"],
+        s["rows_rejected"],
+        s["rejected"] or "",
         f" (copied from {result['reused_from']})" if result.get("reused_from") else "",
     )
     tables = result["tables"]
@@ -80,7 +94,8 @@ def _unit_progress(stage_name: str, index: int):
         state["last"] = pct
         if state["id"] is None:
             state["id"] = create_progress_artifact(
-                progress=pct, key=f"{stage_name.replace('_', '-').replace('.', '-')}-unit-progress",
+                progress=pct,
+                key=f"{stage_name.replace('_', '-').replace('.', '-')}-unit-progress",
                 description=f"{stage_name} unit {index}: {note}".strip(),
             )
         else:
@@ -147,8 +162,16 @@ def _stats_table(artifact: Artifact) -> list[dict[str, Any]]:
     result_serializer="json",
 )
 def stage_commit(
-    stage_name: str, kind: str, cfg: dict[str, Any], input_paths: list[str], slots: list[str],
-    store_cfg: dict[str, Any], fp: str, n_units: int, wall_seconds: float, replace: bool = False,
+    stage_name: str,
+    kind: str,
+    cfg: dict[str, Any],
+    input_paths: list[str],
+    slots: list[str],
+    store_cfg: dict[str, Any],
+    fp: str,
+    n_units: int,
+    wall_seconds: float,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Commit the units into the artifact. `replace`: the units were recomputed on purpose (a refresh,
     `--from`), so the new artifact replaces a committed one -- atomically -- instead of deferring to it."""
@@ -177,8 +200,11 @@ def stage_commit(
     for table_name in getattr(stage, "report_tables", ()):  # e.g. the crawl's per-host report
         rows = artifact.read_table(table=table_name).to_pylist() if artifact.table_rows(table_name) else []
         if rows:
-            create_table_artifact(key=f"{key}-{table_name.replace('_', '-')}-table", table=rows,
-                                  description=f"**{stage_name}** {table_name}: one row per source and host")
+            create_table_artifact(
+                key=f"{key}-{table_name.replace('_', '-')}-table",
+                table=rows,
+                description=f"**{stage_name}** {table_name}: one row per source and host",
+            )
     create_markdown_artifact(
         key=f"{key}-report",
         markdown=markdown,
@@ -226,7 +252,8 @@ def _follow(stage_name: str, futures: Any, n_units: int) -> None:
     if n_units < 2:
         return
     progress_id = create_progress_artifact(
-        progress=0.0, key=f"{stage_name.replace('_', '-').replace('.', '-')}-progress",
+        progress=0.0,
+        key=f"{stage_name.replace('_', '-').replace('.', '-')}-progress",
         description=f"{stage_name}: units finished",
     )
     done = 0
@@ -249,8 +276,15 @@ def run_planned_stage(
     committed = store.is_committed(p.kind, p.fingerprint)
     t0 = time.perf_counter()
     n_units = 0
-    common = dict(stage_name=p.name, kind=p.kind, cfg=cfg, input_paths=input_paths, slots=p.slots,
-                  store_cfg=store_cfg, fp=p.fingerprint)
+    common = dict(
+        stage_name=p.name,
+        kind=p.kind,
+        cfg=cfg,
+        input_paths=input_paths,
+        slots=p.slots,
+        store_cfg=store_cfg,
+        fp=p.fingerprint,
+    )
     with _naming_the_section(p):
         if refresh or not committed:
             staging = store.staging(p.kind, p.fingerprint)
@@ -260,12 +294,17 @@ def run_planned_stage(
             n_units = len(units)
             futures = stage_unit.with_options(**retry).map(
                 **{k: unmapped(v) for k, v in common.items()},
-                index=list(range(n_units)), unit=units, n_units=unmapped(n_units),
+                index=list(range(n_units)),
+                unit=units,
+                n_units=unmapped(n_units),
             )
             _follow(p.name, futures, n_units)
             futures.result()  # raises the first failed unit's error
         ref = stage_commit.with_options(refresh_cache=refresh or not committed, **retry)(
-            **common, n_units=n_units, wall_seconds=time.perf_counter() - t0, replace=refresh,
+            **common,
+            n_units=n_units,
+            wall_seconds=time.perf_counter() - t0,
+            replace=refresh,
         )
     return {**ref, "cached": committed and not refresh}
 

@@ -22,8 +22,16 @@ DOCUMENT_SCHEMA = pa.schema(
 )
 DOCUMENT_FIELDS = tuple(DOCUMENT_SCHEMA.names)
 
-__all__ = ["DOCUMENT_FIELDS", "DOCUMENT_SCHEMA", "MAX_REJECT_TEXT_CHARS", "REJECT_SCHEMA", "DocumentBatcher",
-           "meta_json", "parse_meta", "stable_id"]
+__all__ = [
+    "DOCUMENT_FIELDS",
+    "DOCUMENT_SCHEMA",
+    "MAX_REJECT_TEXT_CHARS",
+    "REJECT_SCHEMA",
+    "DocumentBatcher",
+    "meta_json",
+    "parse_meta",
+    "stable_id",
+]
 
 DocumentBatcher = RowBatcher  # documents are rows of DOCUMENT_SCHEMA
 

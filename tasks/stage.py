@@ -46,7 +46,8 @@ class StageConfig(BaseModel):
     wiring_fields: ClassVar[frozenset[str]] = frozenset({"kind", "inputs"})
 
     kind: str | None = Field(
-        None, description="The stage kind of a section whose name is not a kind's name: a pipeline can hold "
+        None,
+        description="The stage kind of a section whose name is not a kind's name: a pipeline can hold "
         "several instances of a kind, e.g. `sft: {kind: train, ...}` beside `train:`.",
     )
     inputs: dict[str, str | None] = Field(
@@ -104,9 +105,7 @@ class Stage(ABC):
     def plan(self, inputs: list[Artifact], cfg: StageConfig) -> list[dict[str, Any]]:
         """Units of work. The default: one unit per input shard."""
         return [
-            {"input": i, "shard": shard}
-            for i, artifact in enumerate(inputs)
-            for shard in range(len(artifact.shards()))
+            {"input": i, "shard": shard} for i, artifact in enumerate(inputs) for shard in range(len(artifact.shards()))
         ]
 
     @abstractmethod
@@ -188,8 +187,12 @@ def run_unit(
         if key is not None:
             adopted = staging.adopt_unit(index, key)
             if adopted is not None:
-                log.info("%s unit %d: the same unit is committed in %s; copied, not recomputed",
-                         stage.name, index, adopted["reused_from"])
+                log.info(
+                    "%s unit %d: the same unit is committed in %s; copied, not recomputed",
+                    stage.name,
+                    index,
+                    adopted["reused_from"],
+                )
                 if progress:
                     progress("rows", adopted["stats"].get("rows_in", 0))
                 return adopted
@@ -217,22 +220,30 @@ def manifest_header(stage: Stage, cfg: StageConfig, inputs: list[Artifact], fp: 
         "stage_version": stage.version,
         "fingerprint": fp,
         "config": cfg.fingerprint_config(),
-        "inputs": [{"stage": a.stage, "fingerprint": a.fingerprint, "path": a.path, **({"slot": a.slot} if a.slot else {})}
-                   for a in inputs],
+        "inputs": [
+            {"stage": a.stage, "fingerprint": a.fingerprint, "path": a.path, **({"slot": a.slot} if a.slot else {})}
+            for a in inputs
+        ],
         "sources": stage.sources(cfg),
     }
 
 
 def commit_stage(
-    stage: Stage, cfg: StageConfig, inputs: list[Artifact], staging: Staging, fp: str, n_units: int,
+    stage: Stage,
+    cfg: StageConfig,
+    inputs: list[Artifact],
+    staging: Staging,
+    fp: str,
+    n_units: int,
     wall_seconds: float | None = None,
 ) -> Artifact:
     """The one commit: the manifest header, unique ids for sources, the stage's finalize, the swap into place."""
     header = manifest_header(stage, cfg, inputs, fp)
     if wall_seconds is not None:
         header["wall_seconds"] = round(wall_seconds, 3)
-    return staging.commit(header, n_units, lambda directory, fs: stage.finalize(inputs, cfg, directory, fs),
-                          unique_ids=stage.unique_ids)
+    return staging.commit(
+        header, n_units, lambda directory, fs: stage.finalize(inputs, cfg, directory, fs), unique_ids=stage.unique_ids
+    )
 
 
 def run_stage(
@@ -290,8 +301,14 @@ def _registered(stage: Stage) -> bool:
     return type(stage_registry().get(stage.name)) is type(stage)
 
 
-def _unit_in_process(stage_name: str, cfg: dict[str, Any], inputs: list[tuple[str, str | None]],
-                     staging: tuple[str, str, str, int, int, bool], index: int, unit: dict[str, Any]) -> dict[str, Any]:
+def _unit_in_process(
+    stage_name: str,
+    cfg: dict[str, Any],
+    inputs: list[tuple[str, str | None]],
+    staging: tuple[str, str, str, int, int, bool],
+    index: int,
+    unit: dict[str, Any],
+) -> dict[str, Any]:
     import fsspec
 
     from tasks.table import get_stage
@@ -300,11 +317,20 @@ def _unit_in_process(stage_name: str, cfg: dict[str, Any], inputs: list[tuple[st
     root, staging_dir, final_dir, shard_rows, shard_bytes, reuse = staging
     s = Staging(fsspec.url_to_fs(root)[0], staging_dir, final_dir, shard_rows, shard_bytes)
     s.reuse_units = reuse
-    return run_unit(stage, stage.Config.model_validate(cfg), [Artifact.open(p, slot) for p, slot in inputs], s, index, unit)
+    return run_unit(
+        stage, stage.Config.model_validate(cfg), [Artifact.open(p, slot) for p, slot in inputs], s, index, unit
+    )
 
 
-def _run_units_in_processes(stage: Stage, cfg: StageConfig, inputs: list[Artifact], staging: Staging,
-                            units: list[dict[str, Any]], workers: int, progress: ProgressFn | None) -> None:
+def _run_units_in_processes(
+    stage: Stage,
+    cfg: StageConfig,
+    inputs: list[Artifact],
+    staging: Staging,
+    units: list[dict[str, Any]],
+    workers: int,
+    progress: ProgressFn | None,
+) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -315,8 +341,18 @@ def _run_units_in_processes(stage: Stage, cfg: StageConfig, inputs: list[Artifac
     try:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
-            futures = [pool.submit(_unit_in_process, stage.name, cfg.model_dump(mode="json"),
-                                   [(a.path, a.slot) for a in inputs], spec, i, u) for i, u in enumerate(units)]
+            futures = [
+                pool.submit(
+                    _unit_in_process,
+                    stage.name,
+                    cfg.model_dump(mode="json"),
+                    [(a.path, a.slot) for a in inputs],
+                    spec,
+                    i,
+                    u,
+                )
+                for i, u in enumerate(units)
+            ]
             for fut in as_completed(futures):
                 result = fut.result()
                 if progress:

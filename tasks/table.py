@@ -49,29 +49,72 @@ class Kind:
 
 
 KINDS: tuple[Kind, ...] = (
-    Kind("crawl", CrawlStage, "source", (),
-         summary="Crawl web sites, read WARC files (Common Crawl) and source code trees into documents."),
+    Kind(
+        "crawl",
+        CrawlStage,
+        "source",
+        (),
+        summary="Crawl web sites, read WARC files (Common Crawl) and source code trees into documents.",
+    ),
     Kind("ingest", IngestStage, "source", (), summary="Read local files / datasets into documents."),
     Kind("clean", CleanStage, "filter", ("docs",), summary="Quality, repetition and length filters; normalisation."),
     Kind("minhash", MinHashStage, "step", ("docs",), configured_by="dedup"),
     Kind("dedup_candidates", DedupCandidatesStage, "step", ("minhash",), configured_by="dedup"),
     Kind("dedup_clusters", DedupClustersStage, "step", ("dedup_candidates", "docs"), configured_by="dedup"),
-    Kind("dedup", DedupStage, "filter", ("docs", "dedup_clusters"), summary="Exact and MinHash near-duplicate removal."),
+    Kind(
+        "dedup", DedupStage, "filter", ("docs", "dedup_clusters"), summary="Exact and MinHash near-duplicate removal."
+    ),
     Kind("langid", LangIdStage, "filter", ("docs",), summary="fastText language identification and filtering."),
-    Kind("sft_ingest", SftIngestStage, "records", (),
-         summary="Read instruction data (Alpaca / chat) into documents (not part of the pretraining documents)."),
-    Kind("tokenizer", TokenizerStage, "tokenizer", ("docs?",), summary="Train a byte-level BPE on the documents, or load one."),
+    Kind(
+        "sft_ingest",
+        SftIngestStage,
+        "records",
+        (),
+        summary="Read instruction data (Alpaca / chat) into documents (not part of the pretraining documents).",
+    ),
+    Kind(
+        "tokenizer",
+        TokenizerStage,
+        "tokenizer",
+        ("docs?",),
+        summary="Train a byte-level BPE on the documents, or load one.",
+    ),
     Kind("tokenize", TokenizeStage, "tokens", ("docs", "tokenizer"), summary="Documents -> token ids."),
-    Kind("sft_tokenize", SftTokenizeStage, "tokens", ("sft_ingest", "tokenizer"),
-         summary="Instruction examples -> token ids, prompts masked."),
-    Kind("pack", PackStage, "dataset", ("tokenize?", "sft_tokenize?"),
-         summary="Token ids -> fixed-length training rows, train/validation split."),
-    Kind("classify_ingest", ClassifyIngestStage, "records", (),
-         summary="Read labelled records (text + label; JSONL, CSV, Parquet, HF datasets) for a classifier."),
-    Kind("classify_tokenize", ClassifyTokenizeStage, "dataset", ("docs", "tokenizer"),
-         summary="Labelled documents -> token ids and label ids, train/validation split (a classifier's dataset)."),
-    Kind("train", TrainStage, "model", ("data", "tokenizer?", "model?"),
-         summary="DeepSpeed training (causal LM, SFT, classification) on a dataset artifact."),
+    Kind(
+        "sft_tokenize",
+        SftTokenizeStage,
+        "tokens",
+        ("sft_ingest", "tokenizer"),
+        summary="Instruction examples -> token ids, prompts masked.",
+    ),
+    Kind(
+        "pack",
+        PackStage,
+        "dataset",
+        ("tokenize?", "sft_tokenize?"),
+        summary="Token ids -> fixed-length training rows, train/validation split.",
+    ),
+    Kind(
+        "classify_ingest",
+        ClassifyIngestStage,
+        "records",
+        (),
+        summary="Read labelled records (text + label; JSONL, CSV, Parquet, HF datasets) for a classifier.",
+    ),
+    Kind(
+        "classify_tokenize",
+        ClassifyTokenizeStage,
+        "dataset",
+        ("docs", "tokenizer"),
+        summary="Labelled documents -> token ids and label ids, train/validation split (a classifier's dataset).",
+    ),
+    Kind(
+        "train",
+        TrainStage,
+        "model",
+        ("data", "tokenizer?", "model?"),
+        summary="DeepSpeed training (causal LM, SFT, classification) on a dataset artifact.",
+    ),
 )
 
 KIND_BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS}

@@ -39,7 +39,9 @@ def corpus(tmp_path):
     """A small corpus: good JSONL records, a text file, and one broken record of each kind."""
     d = tmp_path / "corpus"
     d.mkdir()
-    write_jsonl(d / "good.jsonl", [{"id": f"doc-{i}", "text": f"Document number {i} has some words."} for i in range(20)])
+    write_jsonl(
+        d / "good.jsonl", [{"id": f"doc-{i}", "text": f"Document number {i} has some words."} for i in range(20)]
+    )
     (d / "notes.txt").write_text("A plain text file is one document.\n", encoding="utf-8")
     write_jsonl(
         d / "bad.jsonl",
@@ -162,12 +164,21 @@ def prefect_server(tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     try:
         _wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
-        client_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-                      "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_CLIENT_MAX_RETRIES": "7"}
+        client_env = {
+            **env,
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_CLIENT_MAX_RETRIES": "7",
+        }
         yield RealServer(f"http://127.0.0.1:{port}", client_env, home)
     finally:
         _stop(proc)

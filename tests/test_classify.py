@@ -10,10 +10,11 @@ import os
 
 import pytest
 
-from conftest import write_jsonl
 from tasks.artifacts import ArtifactStore
 from tasks.classify import ClassifyIngestConfig, ClassifyIngestStage, ClassifyTokenizeConfig, ClassifyTokenizeStage
 from tasks.stage import StageInputError, run_in_store
+
+from conftest import write_jsonl
 from train_fixtures import REPO, make_tokenizer
 
 _spec = importlib.util.spec_from_file_location("make_reviews", os.path.join(REPO, "examples", "make_reviews.py"))
@@ -28,32 +29,49 @@ def labelled(tmp_path_factory):
     path = write_jsonl(d / "reviews.jsonl", make_reviews.reviews(600, seed=1))
     tok = make_tokenizer(str(d / "tokenizer"), bos=True)  # BERT pools its first token: a [CLS]-like <|bos|>
     docs = run_in_store(ClassifyIngestStage(), ClassifyIngestConfig(paths=[path]), [], store)
-    data = run_in_store(ClassifyTokenizeStage(), ClassifyTokenizeConfig(max_length=32, validation_fraction=0.2),
-                        [docs, tok], store)
+    data = run_in_store(
+        ClassifyTokenizeStage(), ClassifyTokenizeConfig(max_length=32, validation_fraction=0.2), [docs, tok], store
+    )
     return {"store": store, "docs": docs, "data": data, "tok": tok, "dir": d}
 
 
 def test_bad_labels_are_counted_rejects(tmp_path):
-    path = write_jsonl(tmp_path / "l.jsonl", [
-        {"id": "a", "text": "good", "label": "positive"},
-        {"id": "b", "text": "bad", "label": 0},  # an index into `labels`
-        {"id": "c", "text": "no label"},
-        {"id": "d", "text": "unknown", "label": "meh"},
-        {"id": "e", "text": "out of range", "label": 7},
-        {"id": "f", "text": "a bool", "label": True},
-        {"id": "g", "text": "a list", "label": ["positive"]},
-        {"id": "h", "text": "  ", "label": "positive"},
-        {"id": "a", "text": "same id again", "label": "negative"},
-        {"id": "i", "text": "held out", "label": "negative", "split": "dev"},
-        {"id": "j", "text": "bad split", "label": "negative", "split": "later"},
-    ])
+    path = write_jsonl(
+        tmp_path / "l.jsonl",
+        [
+            {"id": "a", "text": "good", "label": "positive"},
+            {"id": "b", "text": "bad", "label": 0},  # an index into `labels`
+            {"id": "c", "text": "no label"},
+            {"id": "d", "text": "unknown", "label": "meh"},
+            {"id": "e", "text": "out of range", "label": 7},
+            {"id": "f", "text": "a bool", "label": True},
+            {"id": "g", "text": "a list", "label": ["positive"]},
+            {"id": "h", "text": "  ", "label": "positive"},
+            {"id": "a", "text": "same id again", "label": "negative"},
+            {"id": "i", "text": "held out", "label": "negative", "split": "dev"},
+            {"id": "j", "text": "bad split", "label": "negative", "split": "later"},
+        ],
+    )
     (tmp_path / "l.csv").write_text("id,text,label\nk,from a csv,positive\nl,csv numeric,1\nm,too,many,fields\n")
-    art = run_in_store(ClassifyIngestStage(), ClassifyIngestConfig(paths=[path, str(tmp_path / "l.csv")],
-                                                                   labels=["negative", "positive"], split_field="split"),
-                       [], ArtifactStore(str(tmp_path / "s")))
+    art = run_in_store(
+        ClassifyIngestStage(),
+        ClassifyIngestConfig(
+            paths=[path, str(tmp_path / "l.csv")], labels=["negative", "positive"], split_field="split"
+        ),
+        [],
+        ArtifactStore(str(tmp_path / "s")),
+    )
     st = art.stats
-    assert st.rejected == {"missing_label": 1, "unknown_label": 1, "label_out_of_range": 1, "bad_label": 2,
-                           "empty_text": 1, "duplicate_id": 1, "bad_split": 1, "bad_csv_row": 1}
+    assert st.rejected == {
+        "missing_label": 1,
+        "unknown_label": 1,
+        "label_out_of_range": 1,
+        "bad_label": 2,
+        "empty_text": 1,
+        "duplicate_id": 1,
+        "bad_split": 1,
+        "bad_csv_row": 1,
+    }
     assert st.rows_in == st.rows_out + st.rows_rejected == 14
     rows = {r["id"]: json.loads(r["meta"]) for r in art.read_table().to_pylist()}
     assert sorted(rows) == ["a", "b", "i", "k", "l"]
@@ -76,14 +94,19 @@ def test_classifier_dataset_splits_and_label_ids(labelled, tmp_path):
     assert set(dd) == {"train", "validation"} and set(dd["train"].column_names) == {"input_ids", "label"}
     assert max(len(x) for x in dd["train"]["input_ids"]) <= 32
     # labels the config does not list are rejected; a dataset without labels is refused before work
-    narrow = run_in_store(ClassifyTokenizeStage(), ClassifyTokenizeConfig(labels=["negative", "positive"]),
-                          [labelled["docs"], labelled["tok"]], ArtifactStore(str(tmp_path / "n")))
+    narrow = run_in_store(
+        ClassifyTokenizeStage(),
+        ClassifyTokenizeConfig(labels=["negative", "positive"]),
+        [labelled["docs"], labelled["tok"]],
+        ArtifactStore(str(tmp_path / "n")),
+    )
     assert narrow.stats.rejected == {"unknown_label": 200}
     from tasks.ingest import IngestConfig, IngestStage
 
     plain_store = ArtifactStore(str(tmp_path / "x"))
-    plain = run_in_store(IngestStage(), IngestConfig(paths=[write_jsonl(tmp_path / "p.jsonl", [{"text": "x"}])]), [],
-                         plain_store)
+    plain = run_in_store(
+        IngestStage(), IngestConfig(paths=[write_jsonl(tmp_path / "p.jsonl", [{"text": "x"}])]), [], plain_store
+    )
     with pytest.raises(StageInputError, match="records no labels"):
         run_in_store(ClassifyTokenizeStage(), ClassifyTokenizeConfig(), [plain, labelled["tok"]], plain_store)
 
@@ -92,9 +115,19 @@ def _train(labelled, tmp_path, **over):
     from tasks.train.config import TrainConfig
     from tasks.train.stage import TrainStage
 
-    base = dict(objective="classification", max_steps=240, micro_batch_size=16, eval_every=10, eval_batches=None,
-                log_every=10, save_every=100, seed=0, optim={"lr": 4e-3, "warmup_steps": 0, "min_lr_ratio": 1.0},
-                early_stopping_patience=4, monitor="f1")
+    base = dict(
+        objective="classification",
+        max_steps=240,
+        micro_batch_size=16,
+        eval_every=10,
+        eval_batches=None,
+        log_every=10,
+        save_every=100,
+        seed=0,
+        optim={"lr": 4e-3, "warmup_steps": 0, "min_lr_ratio": 1.0},
+        early_stopping_patience=4,
+        monitor="f1",
+    )
     cfg = TrainConfig.model_validate({**base, **over})
     return run_in_store(TrainStage(), cfg, [labelled["data"]], ArtifactStore(str(tmp_path / "store")))
 
@@ -116,11 +149,22 @@ def _predict_accuracy(model_dir: str, labelled) -> tuple[float, list[str]]:
 def test_tiny_bert_classifier_stops_early_on_f1_and_exports_the_best_checkpoint(labelled, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    art = _train(labelled, tmp_path, model={"init": {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,
-                                                      "num_attention_heads": 4, "intermediate_size": 128,
-                                                      "max_position_embeddings": 64},
-                                            "dropout": {"hidden": 0.05, "attention": 0.0, "classifier": 0.1}},
-                 label_smoothing=0.05)
+    art = _train(
+        labelled,
+        tmp_path,
+        model={
+            "init": {
+                "model_type": "bert",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 128,
+                "max_position_embeddings": 64,
+            },
+            "dropout": {"hidden": 0.05, "attention": 0.0, "classifier": 0.1},
+        },
+        label_smoothing=0.05,
+    )
     metrics = json.load(open(os.path.join(art.path, "metrics.json")))
     val = [h for h in metrics["history"] if h["kind"] == "validation"]
     assert metrics["stopped"] and metrics["stopped"].startswith("early stopping: no better validation f1")
@@ -132,17 +176,32 @@ def test_tiny_bert_classifier_stops_early_on_f1_and_exports_the_best_checkpoint(
     assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
     accuracy, _ = _predict_accuracy(art.path, labelled)
     assert abs(accuracy - best["accuracy"]) < 1e-9  # the exported weights are the best validation's
-    assert art.stats.extra["final_f1"] is not None and "Confusion matrix" in open(os.path.join(art.path, "report.md")).read()
+    assert (
+        art.stats.extra["final_f1"] is not None
+        and "Confusion matrix" in open(os.path.join(art.path, "report.md")).read()
+    )
 
 
 @pytest.mark.slow
 def test_tiny_llama_classifier_with_lora(labelled, tmp_path):
-    art = _train(labelled, tmp_path, model={"init": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                      "num_key_value_heads": 4}},
-                 method={"method": "lora", "lora_r": 8, "target_modules": "all-linear"},
-                 early_stopping_patience=None, max_steps=80,
-                 deepspeed={"zero_stage": 3})
+    art = _train(
+        labelled,
+        tmp_path,
+        model={
+            "init": {
+                "model_type": "llama",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+            }
+        },
+        method={"method": "lora", "lora_r": 8, "target_modules": "all-linear"},
+        early_stopping_patience=None,
+        max_steps=80,
+        deepspeed={"zero_stage": 3},
+    )
     metrics = json.load(open(os.path.join(art.path, "metrics.json")))
     best = max((h for h in metrics["history"] if h["kind"] == "validation"), key=lambda h: h["f1"])
     assert best["accuracy"] >= 0.8 and best["f1"] >= 0.8
@@ -155,16 +214,27 @@ def test_label_sets_that_differ_between_splits_are_refused_before_training(label
     from tasks.train.config import TrainConfig
     from tasks.train.stage import TrainStage
 
-    path = write_jsonl(tmp_path / "l.jsonl", [{"id": f"t{i}", "text": f"text {i}", "label": "a" if i % 2 else "b"}
-                                              for i in range(20)] + [{"id": "v", "text": "v", "label": "c", "split": "test"}])
+    path = write_jsonl(
+        tmp_path / "l.jsonl",
+        [{"id": f"t{i}", "text": f"text {i}", "label": "a" if i % 2 else "b"} for i in range(20)]
+        + [{"id": "v", "text": "v", "label": "c", "split": "test"}],
+    )
     store = ArtifactStore(str(tmp_path / "s"))
     docs = run_in_store(ClassifyIngestStage(), ClassifyIngestConfig(paths=[path], split_field="split"), [], store)
-    data = run_in_store(ClassifyTokenizeStage(), ClassifyTokenizeConfig(validation_fraction=0), [docs, labelled["tok"]], store)
+    data = run_in_store(
+        ClassifyTokenizeStage(), ClassifyTokenizeConfig(validation_fraction=0), [docs, labelled["tok"]], store
+    )
     cfg = TrainConfig(objective="classification", model={"init": {"model_type": "bert"}})
-    with pytest.raises(StageInputError, match=r"different label sets: only in train \['a', 'b'\], only in validation \['c'\]"):
+    with pytest.raises(
+        StageInputError, match=r"different label sets: only in train \['a', 'b'\], only in validation \['c'\]"
+    ):
         TrainStage().plan([data], cfg)
     with pytest.raises(StageInputError, match="^monitor"):
         TrainStage().plan([data], cfg.model_copy(update={"monitor": "bleu"}))
     with pytest.raises(StageInputError, match="^model.dropout.hidden: the llama config has no hidden dropout"):
-        TrainStage().plan([labelled["data"]], TrainConfig(objective="classification",
-                                                            model={"init": {"model_type": "llama"}, "dropout": {"hidden": 0.1}}))
+        TrainStage().plan(
+            [labelled["data"]],
+            TrainConfig(
+                objective="classification", model={"init": {"model_type": "llama"}, "dropout": {"hidden": 0.1}}
+            ),
+        )

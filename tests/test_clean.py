@@ -5,16 +5,31 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from conftest import write_jsonl
 from tasks.artifacts import ArtifactStore
 from tasks.clean import CleanConfig, CleanStage, DocumentCleaner
 from tasks.clean.filters import (
-    C4Config, C4Filter, CodeConfig, CodeFilter, Doc, FineWebConfig, FineWebFilter, GopherQualityConfig,
-    GopherQualityFilter, GopherRepetitionFilter, InDocDedup, InDocDedupConfig, LengthConfig, LengthFilter,
-    NormaliseConfig, Normaliser, RepetitionConfig,
+    C4Config,
+    C4Filter,
+    CodeConfig,
+    CodeFilter,
+    Doc,
+    FineWebConfig,
+    FineWebFilter,
+    GopherQualityConfig,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    InDocDedup,
+    InDocDedupConfig,
+    LengthConfig,
+    LengthFilter,
+    NormaliseConfig,
+    Normaliser,
+    RepetitionConfig,
 )
 from tasks.ingest import IngestConfig, IngestStage
 from tasks.stage import run_in_store
+
+from conftest import write_jsonl
 
 PROSE = (
     "The committee met on Tuesday to review the budget for the coming year. Members agreed that the "
@@ -74,7 +89,10 @@ def test_gopher_quality():
 
 def test_c4_lines_and_documents():
     f = C4Filter(C4Config())
-    doc = Doc(PROSE + "\nPlease enable JavaScript to view this site.\nThis site uses cookies to improve it.\nMenu\nHome | About")
+    doc = Doc(
+        PROSE
+        + "\nPlease enable JavaScript to view this site.\nThis site uses cookies to improve it.\nMenu\nHome | About"
+    )
     v, removed = f.check_and_edit(doc)
     assert v is None and removed == 4 and doc.text == PROSE
     assert f.check_and_edit(Doc(PROSE + "\nLorem ipsum dolor sit amet."))[0][0] == "c4:lorem_ipsum"
@@ -85,9 +103,17 @@ def test_c4_lines_and_documents():
 def test_fineweb():
     f = FineWebFilter(FineWebConfig())
     assert verdict(f, PROSE) is None
-    assert verdict(f, "\n".join(f"Heading {i} with words but no stop" for i in range(10)))[0] == "fineweb:line_punct_ratio"
-    assert verdict(f, "\n".join(["Short.", "Tiny.", "Yes.", "No.", "Maybe.", "Ok.", "Fine.", PROSE]))[0] == "fineweb:short_line_ratio"
-    assert verdict(f, PROSE + "\nThe chair thanked the volunteers.\nThe chair thanked the volunteers.")[0] == "fineweb:dup_line_char_ratio"
+    assert (
+        verdict(f, "\n".join(f"Heading {i} with words but no stop" for i in range(10)))[0] == "fineweb:line_punct_ratio"
+    )
+    assert (
+        verdict(f, "\n".join(["Short.", "Tiny.", "Yes.", "No.", "Maybe.", "Ok.", "Fine.", PROSE]))[0]
+        == "fineweb:short_line_ratio"
+    )
+    assert (
+        verdict(f, PROSE + "\nThe chair thanked the volunteers.\nThe chair thanked the volunteers.")[0]
+        == "fineweb:dup_line_char_ratio"
+    )
 
 
 def test_code_rules():
@@ -145,8 +171,14 @@ def test_stage_keeps_drops_and_accounts(tmp_path):
 
 
 def test_switches_and_bad_config(tmp_path):
-    art = _run(tmp_path, [{"id": "short", "text": "hi there"}], length={"enabled": False},
-               gopher_quality={"enabled": False}, c4={"enabled": False}, fineweb={"enabled": False})
+    art = _run(
+        tmp_path,
+        [{"id": "short", "text": "hi there"}],
+        length={"enabled": False},
+        gopher_quality={"enabled": False},
+        c4={"enabled": False},
+        fineweb={"enabled": False},
+    )
     assert art.read_table().column("id").to_pylist() == ["short"]
     with pytest.raises(ValidationError, match="gopher_quality.min_wordz"):
         CleanConfig(gopher_quality={"min_wordz": 3})

@@ -29,8 +29,18 @@ def pipeline_yaml(tmp_path, corpus, name="p.yaml", extra=""):
 
 def test_stage_ingest_writes_shards_manifest_and_rejects(tmp_path, corpus):
     out = tmp_path / "out"
-    r = kiln("stage", "ingest", "--input", str(corpus / "bad.jsonl"), "--input", str(corpus / "good.jsonl"),
-             "--output", str(out), "--set", "batch_rows=2")
+    r = kiln(
+        "stage",
+        "ingest",
+        "--input",
+        str(corpus / "bad.jsonl"),
+        "--input",
+        str(corpus / "good.jsonl"),
+        "--output",
+        str(out),
+        "--set",
+        "batch_rows=2",
+    )
     assert r.exit_code == 0, r.output
     assert "27 rows in, 21 kept, 6 rejected" in r.output
     art = Artifact.open(str(out))
@@ -92,10 +102,9 @@ def test_inspect_artifact_plain_parquet_and_missing(tmp_path, corpus):
 
 def test_stages_and_gc(tmp_path, corpus):
     from flows.config import load_config
-    from flows.plan import plan_pipeline
+    from flows.plan import plan_pipeline, store_for
     from tasks.ingest import IngestConfig, IngestStage
     from tasks.stage import run_in_store
-    from flows.plan import store_for
 
     cfg_path = pipeline_yaml(tmp_path, corpus)
     r = kiln("stages", cfg_path)
@@ -138,8 +147,14 @@ def test_kiln_run_twice_then_cached_and_refresh(tmp_path, corpus):
     env.pop("PREFECT_API_URL", None)
 
     def run(*extra):
-        return subprocess.run([sys.executable, "-m", "flows.cli", "run", cfg, *extra], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", cfg, *extra],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     r1 = run()
     assert r1.returncode == 0, r1.stdout + r1.stderr
@@ -158,17 +173,33 @@ def test_demo_runs_end_to_end(tmp_path):
     tokenize, pack and train, with the validation loss falling; then the same again, all cached."""
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "examples/docs_site.py", "run", "--port", "8765", "--",
-           sys.executable, "-m", "flows.cli", "run", "configs/demo.yaml", "--set", f"store.root={tmp_path}/store"]
+    cmd = [
+        sys.executable,
+        "examples/docs_site.py",
+        "run",
+        "--port",
+        "8765",
+        "--",
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "configs/demo.yaml",
+        "--set",
+        f"store.root={tmp_path}/store",
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
     out = r.stdout
     for stage in ("crawl", "ingest", "clean", "dedup", "langid", "tokenizer", "tokenize", "pack", "train"):
         assert f"{stage}: {tmp_path}/store/{stage}/" in out, stage
-    crawl = next(Artifact.open(os.path.join(tmp_path, "store", "crawl", d))
-                 for d in os.listdir(tmp_path / "store" / "crawl") if not d.startswith("."))
+    crawl = next(
+        Artifact.open(os.path.join(tmp_path, "store", "crawl", d))
+        for d in os.listdir(tmp_path / "store" / "crawl")
+        if not d.startswith(".")
+    )
     assert crawl.stats.extra.get("web_requests", 0) >= 200 and crawl.stats.extra.get("code_files", 0) >= 20
-    line = next(l for l in out.splitlines() if "validation loss" in l)
+    line = next(ln for ln in out.splitlines() if "validation loss" in ln)
     first, last = (float(x) for x in line.split("validation loss ")[1].split(" (")[0].split(" -> "))
     assert last < first
     r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -188,9 +219,22 @@ def test_cluster_task_runners_give_the_same_artifact(tmp_path, corpus, runner):
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
     r = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", cfg_path, "--set", f"runtime.task_runner={runner}",
-         "--set", "runtime.workers=2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            cfg_path,
+            "--set",
+            f"runtime.task_runner={runner}",
+            "--set",
+            "runtime.workers=2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ingest │ ran" in r.stdout
@@ -198,6 +242,11 @@ def test_cluster_task_runners_give_the_same_artifact(tmp_path, corpus, runner):
     planned = plan_pipeline(cfg)[0]
     dask_art = Artifact.open(planned.path)
     assert dask_art.manifest["units"] == 3
-    local = run_in_store(IngestStage(), cfg.ingest, [], store_for(cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": str(tmp_path / "local")})})))
+    local = run_in_store(
+        IngestStage(),
+        cfg.ingest,
+        [],
+        store_for(cfg.model_copy(update={"store": cfg.store.model_copy(update={"root": str(tmp_path / "local")})})),
+    )
     assert local.fingerprint == dask_art.fingerprint
     assert local.read_table().equals(dask_art.read_table())

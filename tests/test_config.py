@@ -68,16 +68,31 @@ def test_every_content_field_changes_the_fingerprint_and_execution_fields_do_not
     base = IngestConfig(paths=[str(corpus)])
     fp = stage.fingerprint(base, [])
     changes = {
-        "format": "jsonl", "text_extensions": [".txt"], "text_field": "body", "id_field": "key",
-        "url_field": "link", "lang_field": "language", "source": "label", "csv_delimiter": ";",
+        "format": "jsonl",
+        "text_extensions": [".txt"],
+        "text_field": "body",
+        "id_field": "key",
+        "url_field": "link",
+        "lang_field": "language",
+        "source": "label",
+        "csv_delimiter": ";",
     }
-    content_fields = set(IngestConfig.model_fields) - IngestConfig.execution_fields - IngestConfig.wiring_fields - {"paths"}
+    content_fields = (
+        set(IngestConfig.model_fields) - IngestConfig.execution_fields - IngestConfig.wiring_fields - {"paths"}
+    )
     assert set(changes) == content_fields, "a new config field needs a fingerprint test"
     for k, v in changes.items():
         assert stage.fingerprint(base.model_copy(update={k: v}), []) != fp, k
     assert stage.fingerprint(base, ["upstream"]) != fp
-    for k, v in {"retries": 9, "retry_delay_seconds": 1.0, "batch_rows": 7, "unit_mb": 1, "unit_files": 2,
-                 "kind": "ingest", "inputs": {"docs": "x"}}.items():
+    for k, v in {
+        "retries": 9,
+        "retry_delay_seconds": 1.0,
+        "batch_rows": 7,
+        "unit_mb": 1,
+        "unit_files": 2,
+        "kind": "ingest",
+        "inputs": {"docs": "x"},
+    }.items():
         assert stage.fingerprint(base.model_copy(update={k: v}), []) == fp, k
 
 

@@ -19,9 +19,18 @@ APACHE = "                                 Apache License\n                     
 
 
 def git(root, *args):
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
-    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, env=env).stdout.decode().strip()
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
+    return (
+        subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, env=env)
+        .stdout.decode()
+        .strip()
+    )
 
 
 def write(root, rel, data):
@@ -70,15 +79,28 @@ def test_git_work_tree(tmp_path, repo):
     rejects = {json.loads(r["meta"])["path"]: r["reason"] for r in art.read_table(table="rejects").to_pylist()}
     assert sorted(docs) == ["bin/tool", "pkg/core.py", "pkg/mit_part.py", "pkg/untracked.py"]
     assert rejects == {
-        "node_modules/": "vendored", "vendor/": "vendored", "pkg/__init__.py": "empty_text",
-        "pkg/gen_pb2.py": "generated", "pkg/auto.py": "generated", "pkg/minified.py": "generated",
-        "pkg/blob.py": "binary", "pkg/latin.py": "invalid_utf8", "pkg/big.py": "oversized",
+        "node_modules/": "vendored",
+        "vendor/": "vendored",
+        "pkg/__init__.py": "empty_text",
+        "pkg/gen_pb2.py": "generated",
+        "pkg/auto.py": "generated",
+        "pkg/minified.py": "generated",
+        "pkg/blob.py": "binary",
+        "pkg/latin.py": "invalid_utf8",
+        "pkg/big.py": "oversized",
     }
     assert st.rows_in == st.rows_out + st.rows_rejected == 13
     core = json.loads(docs["pkg/core.py"]["meta"])
     head = git(repo, "rev-parse", "HEAD")
-    assert core == {"repo": "proj", "path": "pkg/core.py", "language": "Python", "license": "Apache-2.0",
-                    "commit": head, "bytes": 46, "lines": 5}
+    assert core == {
+        "repo": "proj",
+        "path": "pkg/core.py",
+        "language": "Python",
+        "license": "Apache-2.0",
+        "commit": head,
+        "bytes": 46,
+        "lines": 5,
+    }
     assert docs["pkg/core.py"]["text"].startswith('"""Core."""')
     assert json.loads(docs["pkg/mit_part.py"]["meta"])["license"] == "MIT"  # the file's own SPDX header wins
     assert json.loads(docs["bin/tool"]["meta"])["language"] == "Python"  # from the shebang
@@ -134,7 +156,13 @@ def test_bad_config_and_missing_roots(tmp_path):
         run(tmp_path, git_url=f"file://{tmp_path}/not-a-repo")
     with pytest.raises(StageInputError, match=r"sources\[1\]\.name: source name 'code:same'"):
         CrawlStage().fingerprint(
-            CrawlConfig(sources=[CodeSource(path=str(tmp_path), name="code:same"), CodeSource(path=str(tmp_path), name="code:same")]), []
+            CrawlConfig(
+                sources=[
+                    CodeSource(path=str(tmp_path), name="code:same"),
+                    CodeSource(path=str(tmp_path), name="code:same"),
+                ]
+            ),
+            [],
         )
 
 

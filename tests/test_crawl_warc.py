@@ -22,12 +22,20 @@ PARAGRAPH = (
 
 
 def html(title: str, body: str) -> bytes:
-    return (f"<html><head><title>{title}</title></head><body><nav>Menu Home About</nav><article><h1>{title}</h1>"
-            f"<p>{body} {PARAGRAPH * 3}</p></article><footer>Footer</footer></body></html>").encode()
+    return (
+        f"<html><head><title>{title}</title></head><body><nav>Menu Home About</nav><article><h1>{title}</h1>"
+        f"<p>{body} {PARAGRAPH * 3}</p></article><footer>Footer</footer></body></html>"
+    ).encode()
 
 
-def response(w: WARCWriter, url: str, body: bytes, content_type: str | None = "text/html; charset=utf-8",
-             status: str = "200 OK", extra: list[tuple[str, str]] = ()) -> None:
+def response(
+    w: WARCWriter,
+    url: str,
+    body: bytes,
+    content_type: str | None = "text/html; charset=utf-8",
+    status: str = "200 OK",
+    extra: list[tuple[str, str]] = (),
+) -> None:
     headers = [("Content-Length", str(len(body))), *extra]
     if content_type:
         headers.append(("Content-Type", content_type))
@@ -37,21 +45,45 @@ def response(w: WARCWriter, url: str, body: bytes, content_type: str | None = "t
 
 def sample_records(w: WARCWriter) -> None:
     w.write_record(w.create_warcinfo_record("sample.warc", {"software": "kiln tests"}))
-    w.write_record(w.create_warc_record("http://site.test/a", "request", payload=io.BytesIO(b"GET /a HTTP/1.1\r\n\r\n"),
-                                        warc_content_type="application/http; msgtype=request"))
+    w.write_record(
+        w.create_warc_record(
+            "http://site.test/a",
+            "request",
+            payload=io.BytesIO(b"GET /a HTTP/1.1\r\n\r\n"),
+            warc_content_type="application/http; msgtype=request",
+        )
+    )
     response(w, "http://site.test/a", html("Page A", "Alpha."))
     response(w, "http://site.test/b#frag", html("Page B", "Beta."))
     response(w, "http://site.test/doc.pdf", b"%PDF-1.4 ...", content_type="application/pdf")
     response(w, "http://site.test/gone", b"<html>gone</html>", status="404 Not Found")
     response(w, "http://site.test/moved", b"", status="301 Moved Permanently", extra=[("Location", "/a")])
-    response(w, "http://site.test/latin", "<html><body><article><p>Un caf\xe9 pr\xe8s de la gare. {}</p></article></body></html>"
-             .format(PARAGRAPH * 3).encode("latin-1"), content_type="text/html")
+    response(
+        w,
+        "http://site.test/latin",
+        f"<html><body><article><p>Un caf\xe9 pr\xe8s de la gare. {PARAGRAPH * 3}</p></article></body></html>".encode(
+            "latin-1"
+        ),
+        content_type="text/html",
+    )
     response(w, "http://site.test/empty", b"<html><body></body></html>")
     response(w, "http://site.test/big", html("Big", "x" * 50_000))
-    w.write_record(w.create_warc_record("http://site.test/notes.txt", "resource", payload=io.BytesIO(PARAGRAPH.encode()),
-                                        warc_content_type="text/plain"))
-    w.write_record(w.create_warc_record("http://site.test/a", "conversion", payload=io.BytesIO(b"Extracted WET text. " + PARAGRAPH.encode()),
-                                        warc_content_type="text/plain"))
+    w.write_record(
+        w.create_warc_record(
+            "http://site.test/notes.txt",
+            "resource",
+            payload=io.BytesIO(PARAGRAPH.encode()),
+            warc_content_type="text/plain",
+        )
+    )
+    w.write_record(
+        w.create_warc_record(
+            "http://site.test/a",
+            "conversion",
+            payload=io.BytesIO(b"Extracted WET text. " + PARAGRAPH.encode()),
+            warc_content_type="text/plain",
+        )
+    )
 
 
 def write_warc(path, gz: bool, records=sample_records) -> bytes:
@@ -64,8 +96,9 @@ def write_warc(path, gz: bool, records=sample_records) -> bytes:
 
 
 def ingest(tmp_path, *paths, store="store", **kw):
-    cfg = CrawlConfig(sources=[WarcSource(paths=[str(p) for p in paths], max_body_bytes=16 * 1024, **kw)],
-                      extract_workers=0)
+    cfg = CrawlConfig(
+        sources=[WarcSource(paths=[str(p) for p in paths], max_body_bytes=16 * 1024, **kw)], extract_workers=0
+    )
     return run_in_store(CrawlStage(), cfg, [], ArtifactStore(str(tmp_path / store)))
 
 
@@ -79,11 +112,18 @@ def test_records_become_documents_or_rejects(tmp_path, gz):
     rejects = {r["url"]: r for r in art.read_table(table="rejects").to_pylist()}
     assert st.rows_in == st.rows_out + st.rows_rejected == 10  # response + resource + conversion records
     assert st.extra["warc_other_records"] == 2 and st.extra["warc_records"] == 12  # warcinfo, request
-    assert [d["url"] for d in docs] == ["http://site.test/a", "http://site.test/b", "http://site.test/latin",
-                                        "http://site.test/notes.txt", "http://site.test/a"]  # file order
+    assert [d["url"] for d in docs] == [
+        "http://site.test/a",
+        "http://site.test/b",
+        "http://site.test/latin",
+        "http://site.test/notes.txt",
+        "http://site.test/a",
+    ]  # file order
     assert {u: r["reason"] for u, r in rejects.items()} == {
-        "http://site.test/doc.pdf": "content_type", "http://site.test/gone": "http_404",
-        "http://site.test/moved": "http_301", "http://site.test/empty": "empty_extraction",
+        "http://site.test/doc.pdf": "content_type",
+        "http://site.test/gone": "http_404",
+        "http://site.test/moved": "http_301",
+        "http://site.test/empty": "empty_extraction",
         "http://site.test/big": "too_large",
     }
     a = docs[0]
@@ -94,7 +134,9 @@ def test_records_become_documents_or_rejects(tmp_path, gz):
     assert a["text"] == analyse_page(html("Page A", "Alpha."), "http://site.test/a", "text/html")["text"]
     assert "Alpha." in a["text"] and "Footer" not in a["text"]
     assert "Un café près de la gare." in docs[2]["text"]
-    assert docs[4]["text"].startswith("Extracted WET text.") and json.loads(docs[4]["meta"])["warc_type"] == "conversion"
+    assert (
+        docs[4]["text"].startswith("Extracted WET text.") and json.loads(docs[4]["meta"])["warc_type"] == "conversion"
+    )
     assert len({d["id"] for d in docs}) == 5
     report = {r["host"]: r for r in art.read_table(table="report").to_pylist()}
     assert report["site.test"]["documents"] == 5 and report["site.test"]["rows"] == 10
@@ -107,10 +149,10 @@ def _many(w: WARCWriter) -> None:
 
 def test_corrupt_gzip_member_is_counted_and_the_rest_kept(tmp_path):
     data = bytearray(write_warc(tmp_path / "ok.warc.gz", True, _many))
-    members = [i for i in range(len(data)) if data[i:i + 3] == b"\x1f\x8b\x08"]
+    members = [i for i in range(len(data)) if data[i : i + 3] == b"\x1f\x8b\x08"]
     assert len(members) == 6
     damaged = members[2] + 40
-    data[damaged:damaged + 30] = b"\x00" * 30  # inside the compressed body of record 2
+    data[damaged : damaged + 30] = b"\x00" * 30  # inside the compressed body of record 2
     (tmp_path / "bad.warc.gz").write_bytes(bytes(data))
     art = ingest(tmp_path, tmp_path / "bad.warc.gz")
     urls = [d["url"] for d in art.read_table().to_pylist()]
@@ -134,7 +176,7 @@ def test_truncated_files_keep_their_whole_records(tmp_path):
 def test_altered_payload_fails_its_digest(tmp_path):
     data = bytearray(write_warc(tmp_path / "x.warc", False, _many))
     i = data.index(b"Number 3.")
-    data[i:i + 9] = b"Number 9!"
+    data[i : i + 9] = b"Number 9!"
     (tmp_path / "altered.warc").write_bytes(bytes(data))
     art = ingest(tmp_path, tmp_path / "altered.warc")
     assert art.stats.rejected == {"digest_mismatch": 1}

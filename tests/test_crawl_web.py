@@ -147,8 +147,15 @@ def sites():
 
 def web(**kw) -> WebSource:
     base = dict(
-        user_agent=UA, allow_private=True, per_host_delay=0.0, page_retries=0, connect_timeout=2.0,
-        read_timeout=1.0, page_timeout=5.0, max_redirects=3, max_body_bytes=64 * 1024,
+        user_agent=UA,
+        allow_private=True,
+        per_host_delay=0.0,
+        page_retries=0,
+        connect_timeout=2.0,
+        read_timeout=1.0,
+        page_timeout=5.0,
+        max_redirects=3,
+        max_body_bytes=64 * 1024,
     )
     return WebSource(**{**base, **kw})
 
@@ -171,54 +178,87 @@ def test_crawl_of_a_site_with_every_kind_of_page(tmp_path, sites):
     d = sites("127.0.0.4")
     a = sites("127.0.0.1")
     links = [
-        "/a.html", "/a.html#section", "/./a.html", "/b.html", "/private/x.html", "/redirect1", "/redirect-new",
-        "/loop1", "/chain1", "/redirect-out", "/redirect-file", "/missing", "/error", "/slow", "/timeout",
-        "/doc.pdf", "/huge", "/latin1", "/notes.txt", "/noindex", "/empty", "/untyped",
-        "http://example.com/elsewhere", "file:///etc/passwd", "mailto:someone@example.com", "javascript:void(0)",
-        f"{b.origin}/", f"{c.origin}/c.html", f"{d.origin}/d.html",
+        "/a.html",
+        "/a.html#section",
+        "/./a.html",
+        "/b.html",
+        "/private/x.html",
+        "/redirect1",
+        "/redirect-new",
+        "/loop1",
+        "/chain1",
+        "/redirect-out",
+        "/redirect-file",
+        "/missing",
+        "/error",
+        "/slow",
+        "/timeout",
+        "/doc.pdf",
+        "/huge",
+        "/latin1",
+        "/notes.txt",
+        "/noindex",
+        "/empty",
+        "/untyped",
+        "http://example.com/elsewhere",
+        "file:///etc/passwd",
+        "mailto:someone@example.com",
+        "javascript:void(0)",
+        f"{b.origin}/",
+        f"{c.origin}/c.html",
+        f"{d.origin}/d.html",
     ]
-    a.routes.update({
-        "/robots.txt": Route(
-            b"User-agent: KilnTestBot\nDisallow: /private/\n\nUser-agent: *\nDisallow: /\n", content_type="text/plain"
-        ),
-        "/": Route(article("Home", links=links)),
-        "/a.html": Route(article("Page A", "Alpha page.")),
-        "/b.html": Route(article("Page B", "Beta page.", links=['/nofollowed.html" rel="nofollow'])),
-        "/private/x.html": Route(article("Private")),
-        "/redirect1": Route(status=301, headers={"Location": "/redirect2"}),
-        "/redirect2": Route(status=302, headers={"Location": "/b.html"}),
-        "/redirect-new": Route(status=308, headers={"Location": f"{a.origin}/target.html"}),
-        "/target.html": Route(article("Target", "Reached by a redirect only.")),
-        "/loop1": Route(status=302, headers={"Location": "/loop2"}),
-        "/loop2": Route(status=302, headers={"Location": "/loop1"}),
-        **{f"/chain{i}": Route(status=302, headers={"Location": f"/chain{i + 1}"}) for i in range(1, 8)},
-        "/redirect-out": Route(status=302, headers={"Location": "http://example.com/"}),
-        "/redirect-file": Route(status=302, headers={"Location": "file:///etc/passwd"}),
-        "/error": Route(b"<html>oops</html>", status=500),
-        "/slow": Route(article("Slow", "This one took a while."), delay=0.4),
-        "/timeout": Route(article("Never"), delay=3.0),
-        "/doc.pdf": Route(b"%PDF-1.4 binary stuff", content_type="application/pdf"),
-        "/huge": Route(article("Huge", "x" * 200_000)),
-        "/latin1": Route(
-            ("<html><head><title>Caf\xe9</title></head><body><article><p>Le caf\xe9 est servi \xe0 la "
-             "terrasse, pr\xe8s de la for\xeat. " + WORDS * 3 + "</p></article></body></html>").encode("latin-1"),
-            content_type="text/html",
-        ),
-        "/notes.txt": Route(("Plain text notes. " + WORDS).encode(), content_type="text/plain"),
-        "/noindex": Route(article("Hidden", extra_head='<meta name="robots" content="noindex">',
-                                  links=["/from-noindex.html"])),
-        "/from-noindex.html": Route(article("From noindex", "Linked from a noindex page, still followed.")),
-        "/nofollowed.html": Route(article("Should not be fetched")),
-        "/empty": Route(b"<html><head><title>Empty</title></head><body></body></html>"),
-        "/untyped": Route(article("Untyped", "Served without a Content-Type."), content_type=None),
-    })
-    b.routes.update({
-        "/robots.txt": Route(b"User-agent: *\nCrawl-delay: 0.3\n", content_type="text/plain"),
-        "/": Route(article("B home", links=["/p1.html", "/p2.html", "/p3.html"])),
-        **{f"/p{i}.html": Route(article(f"B page {i}")) for i in range(1, 4)},
-    })
-    c.routes.update({"/robots.txt": Route(b"down", status=500, content_type="text/plain"),
-                     "/c.html": Route(article("C"))})
+    a.routes.update(
+        {
+            "/robots.txt": Route(
+                b"User-agent: KilnTestBot\nDisallow: /private/\n\nUser-agent: *\nDisallow: /\n",
+                content_type="text/plain",
+            ),
+            "/": Route(article("Home", links=links)),
+            "/a.html": Route(article("Page A", "Alpha page.")),
+            "/b.html": Route(article("Page B", "Beta page.", links=['/nofollowed.html" rel="nofollow'])),
+            "/private/x.html": Route(article("Private")),
+            "/redirect1": Route(status=301, headers={"Location": "/redirect2"}),
+            "/redirect2": Route(status=302, headers={"Location": "/b.html"}),
+            "/redirect-new": Route(status=308, headers={"Location": f"{a.origin}/target.html"}),
+            "/target.html": Route(article("Target", "Reached by a redirect only.")),
+            "/loop1": Route(status=302, headers={"Location": "/loop2"}),
+            "/loop2": Route(status=302, headers={"Location": "/loop1"}),
+            **{f"/chain{i}": Route(status=302, headers={"Location": f"/chain{i + 1}"}) for i in range(1, 8)},
+            "/redirect-out": Route(status=302, headers={"Location": "http://example.com/"}),
+            "/redirect-file": Route(status=302, headers={"Location": "file:///etc/passwd"}),
+            "/error": Route(b"<html>oops</html>", status=500),
+            "/slow": Route(article("Slow", "This one took a while."), delay=0.4),
+            "/timeout": Route(article("Never"), delay=3.0),
+            "/doc.pdf": Route(b"%PDF-1.4 binary stuff", content_type="application/pdf"),
+            "/huge": Route(article("Huge", "x" * 200_000)),
+            "/latin1": Route(
+                (
+                    "<html><head><title>Caf\xe9</title></head><body><article><p>Le caf\xe9 est servi \xe0 la "
+                    "terrasse, pr\xe8s de la for\xeat. " + WORDS * 3 + "</p></article></body></html>"
+                ).encode("latin-1"),
+                content_type="text/html",
+            ),
+            "/notes.txt": Route(("Plain text notes. " + WORDS).encode(), content_type="text/plain"),
+            "/noindex": Route(
+                article("Hidden", extra_head='<meta name="robots" content="noindex">', links=["/from-noindex.html"])
+            ),
+            "/from-noindex.html": Route(article("From noindex", "Linked from a noindex page, still followed.")),
+            "/nofollowed.html": Route(article("Should not be fetched")),
+            "/empty": Route(b"<html><head><title>Empty</title></head><body></body></html>"),
+            "/untyped": Route(article("Untyped", "Served without a Content-Type."), content_type=None),
+        }
+    )
+    b.routes.update(
+        {
+            "/robots.txt": Route(b"User-agent: *\nCrawl-delay: 0.3\n", content_type="text/plain"),
+            "/": Route(article("B home", links=["/p1.html", "/p2.html", "/p3.html"])),
+            **{f"/p{i}.html": Route(article(f"B page {i}")) for i in range(1, 4)},
+        }
+    )
+    c.routes.update(
+        {"/robots.txt": Route(b"down", status=500, content_type="text/plain"), "/c.html": Route(article("C"))}
+    )
     d.routes.update({"/d.html": Route(article("D"))})
 
     src = web(seeds=[a.origin + "/"], allowed_domains=["127.0.0.1", "127.0.0.2", "127.0.0.3"], max_depth=2)
@@ -230,8 +270,18 @@ def test_crawl_of_a_site_with_every_kind_of_page(tmp_path, sites):
 
     assert st.rows_in == st.rows_out + st.rows_rejected == len(docs) + len(rejects)
     assert set(docs) == {
-        f"{A}/", f"{A}/a.html", f"{A}/b.html", f"{A}/target.html", f"{A}/slow", f"{A}/latin1",
-        f"{A}/notes.txt", f"{A}/from-noindex.html", f"{A}/untyped", f"{B}/", f"{B}/p1.html", f"{B}/p2.html",
+        f"{A}/",
+        f"{A}/a.html",
+        f"{A}/b.html",
+        f"{A}/target.html",
+        f"{A}/slow",
+        f"{A}/latin1",
+        f"{A}/notes.txt",
+        f"{A}/from-noindex.html",
+        f"{A}/untyped",
+        f"{B}/",
+        f"{B}/p1.html",
+        f"{B}/p2.html",
         f"{B}/p3.html",
     }
     reasons = {url: r["reason"] for url, r in rejects.items()}
@@ -265,10 +315,13 @@ def test_crawl_of_a_site_with_every_kind_of_page(tmp_path, sites):
     home = json.loads(docs[f"{A}/"]["meta"])
     assert home["url"] == f"{A}/" and home["content_type"] == "text/html" and home["fetched_at"].endswith("+00:00")
     target = json.loads(docs[f"{A}/target.html"]["meta"])
-    assert target["requested_url"] == f"{A}/redirect-new" and target["redirects"] == [f"{A}/redirect-new", f"{A}/target.html"]
+    assert target["requested_url"] == f"{A}/redirect-new" and target["redirects"] == [
+        f"{A}/redirect-new",
+        f"{A}/target.html",
+    ]
     assert "Alpha page." in docs[f"{A}/a.html"]["text"] and "Footer text" not in docs[f"{A}/a.html"]["text"]
     assert docs[f"{A}/notes.txt"]["text"].startswith("Plain text notes.")
-    assert all(d["source"] == "web:127.0.0.1:%d" % a.port for d in docs.values())
+    assert all(d["source"] == f"web:127.0.0.1:{a.port}" for d in docs.values())
     assert len({d["id"] for d in docs.values()}) == len(docs)
 
     # what the servers saw
@@ -322,8 +375,10 @@ def test_concurrency_and_delay_limits_hold_on_the_server(tmp_path, sites):
     a = sites("127.0.0.1", dict(slow))
     b = sites("127.0.0.2", dict(slow))
     t0 = time.monotonic()
-    art = crawl(tmp_path, web(seeds=[a.origin + "/", b.origin + "/"], per_host_concurrency=3, concurrency=4,
-                              respect_robots=False))
+    art = crawl(
+        tmp_path,
+        web(seeds=[a.origin + "/", b.origin + "/"], per_host_concurrency=3, concurrency=4, respect_robots=False),
+    )
     assert art.num_rows == 26
     assert a.max_in_flight <= 3 and b.max_in_flight <= 3
     assert a.max_in_flight + b.max_in_flight >= 4  # both hosts really were crawled in parallel
@@ -336,8 +391,11 @@ def test_concurrency_and_delay_limits_hold_on_the_server(tmp_path, sites):
     assert time.monotonic() - t0 < 10
 
     c = sites("127.0.0.3", {"/": Route(article("Home", links=pages[:5])), **{p: Route(article(p)) for p in pages[:5]}})
-    crawl(tmp_path, web(seeds=[c.origin + "/"], per_host_concurrency=4, per_host_delay=0.1, respect_robots=False),
-          store="store2")
+    crawl(
+        tmp_path,
+        web(seeds=[c.origin + "/"], per_host_concurrency=4, per_host_delay=0.1, respect_robots=False),
+        store="store2",
+    )
     starts = sorted(h.start for h in c.hits)
     assert len(starts) == 6 and min(y - x for x, y in zip(starts, starts[1:])) >= 0.1 - 0.02
 
@@ -349,7 +407,10 @@ def test_depth_and_page_budget_cut_deterministically(tmp_path, sites):
         routes[f"/d2-{i}"] = Route(article(f"d2 {i}", links=[f"/d3-{i}"]))
     a = sites("127.0.0.1", routes)
     art = crawl(tmp_path, web(seeds=[a.origin + "/"], max_depth=1, respect_robots=False))
-    assert sorted(r["url"].rsplit("/", 1)[1] for r in art.read_table().to_pylist()) == ["", *[f"d1-{i}" for i in range(6)]]
+    assert sorted(r["url"].rsplit("/", 1)[1] for r in art.read_table().to_pylist()) == [
+        "",
+        *[f"d1-{i}" for i in range(6)],
+    ]
     rej = art.read_table(table="rejects").to_pylist()
     assert {r["reason"] for r in rej} == {"max_depth"} and len(rej) == 6
     assert not any(p.startswith("/d2") for p in a.paths())
@@ -365,13 +426,17 @@ def test_depth_and_page_budget_cut_deterministically(tmp_path, sites):
 
 
 def test_retries_after_503_and_extraction_in_worker_processes(tmp_path, sites):
-    a = sites("127.0.0.1", {
-        "/": Route(article("Home", links=["/flaky", "/x.html"])),
-        "/flaky": Route(article("Flaky", "Worked on the second try."), fail_first=1),
-        "/x.html": Route(article("X")),
-    })
-    art = crawl(tmp_path, web(seeds=[a.origin + "/"], page_retries=1, retry_backoff=0.05, respect_robots=False),
-                workers=2)
+    a = sites(
+        "127.0.0.1",
+        {
+            "/": Route(article("Home", links=["/flaky", "/x.html"])),
+            "/flaky": Route(article("Flaky", "Worked on the second try."), fail_first=1),
+            "/x.html": Route(article("X")),
+        },
+    )
+    art = crawl(
+        tmp_path, web(seeds=[a.origin + "/"], page_retries=1, retry_backoff=0.05, respect_robots=False), workers=2
+    )
     docs = by_url(art.read_table().to_pylist())
     assert "Worked on the second try." in docs[f"{a.origin}/flaky"]["text"]
     assert a.paths().count("/flaky") == 2
@@ -385,7 +450,9 @@ def test_snapshot_is_the_cache_key_and_politeness_is_not(tmp_path):
     stage = CrawlStage()
     base = CrawlConfig(sources=[web(seeds=["http://127.0.0.1:9/"])])
     fp = stage.fingerprint(base, [])
-    tuned = CrawlConfig(sources=[web(seeds=["http://127.0.0.1:9/"], concurrency=3, per_host_delay=2.0)], extract_workers=1)
+    tuned = CrawlConfig(
+        sources=[web(seeds=["http://127.0.0.1:9/"], concurrency=3, per_host_delay=2.0)], extract_workers=1
+    )
     assert stage.fingerprint(tuned, []) == fp
     assert stage.fingerprint(CrawlConfig(sources=[web(seeds=["http://127.0.0.1:9/"], snapshot="2026-12")]), []) != fp
     assert stage.fingerprint(CrawlConfig(sources=[web(seeds=["http://127.0.0.1:9/"], max_pages=5)]), []) != fp
@@ -394,15 +461,24 @@ def test_snapshot_is_the_cache_key_and_politeness_is_not(tmp_path):
 def test_an_unchanged_source_is_copied_when_another_source_changed(tmp_path, sites):
     """Units have their own identity: editing the code tree makes a new crawl artifact, but the web
     source in it is copied from the previous one, not fetched again; a new snapshot fetches it."""
-    site = sites("127.0.0.1", {"/": Route(article("Home", "welcome", links=["/a"])), "/a": Route(article("A", "page a")),
-                               "/robots.txt": Route(b"", status=404)})
+    site = sites(
+        "127.0.0.1",
+        {
+            "/": Route(article("Home", "welcome", links=["/a"])),
+            "/a": Route(article("A", "page a")),
+            "/robots.txt": Route(b"", status=404),
+        },
+    )
     code = tmp_path / "code"
     code.mkdir()
     (code / "m.py").write_text("def f():\n    return 1\n")
     code_src = CodeSource(path=str(code), use_gitignore=False)
     first = crawl(tmp_path, web(seeds=[site.origin + "/"]), code_src)
     hits = len(site.hits)
-    assert hits >= 2 and {r["url"] for r in first.read_table().to_pylist() if r["url"]} == {site.origin + "/", site.origin + "/a"}
+    assert hits >= 2 and {r["url"] for r in first.read_table().to_pylist() if r["url"]} == {
+        site.origin + "/",
+        site.origin + "/a",
+    }
 
     (code / "m.py").write_text("def f():\n    return 22\n")
     second = crawl(tmp_path, web(seeds=[site.origin + "/"]), code_src)
@@ -468,7 +544,9 @@ def _site_for_resume() -> dict[str, Route]:
     for i in range(25):
         routes[f"/s{i}"] = Route(article(f"Section {i}", f"Section {i} text.", links=[f"/s{i}/p{j}" for j in range(3)]))
         for j in range(3):
-            routes[f"/s{i}/p{j}"] = Route(article(f"Page {i}.{j}", f"Page {i}.{j} text.", links=["/", f"/s{(i + 1) % 25}"]))
+            routes[f"/s{i}/p{j}"] = Route(
+                article(f"Page {i}.{j}", f"Page {i}.{j} text.", links=["/", f"/s{(i + 1) % 25}"])
+            )
     routes["/robots.txt"] = Route(b"User-agent: *\nDisallow: /s7/\nCrawl-delay: 0.03\n", content_type="text/plain")
     return routes
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from conftest import write_jsonl
 from tasks.artifacts import ArtifactStore
 from tasks.dedup import DedupCandidatesStage, DedupClustersStage, DedupConfig, DedupStage, MinHashStage
-from tasks.dedup.hashing import choose_bands, candidate_probability, normalise_for_dedup, shingle_batch
+from tasks.dedup.hashing import candidate_probability, choose_bands, normalise_for_dedup, shingle_batch
 from tasks.ingest import IngestConfig, IngestStage
 from tasks.stage import StageInputError, run_in_store
+
+from conftest import write_jsonl
 
 
 def _base_texts(n: int) -> list[str]:
@@ -36,7 +37,8 @@ def _base_texts(n: int) -> list[str]:
 def _jaccard(a: str, b: str, n: int = 5) -> float:
     def grams(t):
         w = normalise_for_dedup(t).split()
-        return {tuple(w[i:i + n]) for i in range(max(1, len(w) - n + 1))}
+        return {tuple(w[i : i + n]) for i in range(max(1, len(w) - n + 1))}
+
     ga, gb = grams(a), grams(b)
     return len(ga & gb) / len(ga | gb)
 
@@ -90,8 +92,14 @@ def test_planted_duplicates_exactly_which_removed(planted):
     out, clusters = _chain(store, docs)
     kept = set(out.read_table().column("id").to_pylist())
     rej = {r["id"]: r for r in out.read_table(table="rejects").to_pylist()}
-    assert set(rej) == {"exact-of-0", "case-space-of-1", "punct-of-2", "reorder-of-3", "light-edit-of-4",
-                        "boilerplate-of-6"}
+    assert set(rej) == {
+        "exact-of-0",
+        "case-space-of-1",
+        "punct-of-2",
+        "reorder-of-3",
+        "light-edit-of-4",
+        "boilerplate-of-6",
+    }
     assert "heavy-edit-of-5" in kept and all(f"orig-{i}" in kept for i in range(12))
     assert rej["exact-of-0"]["reason"] == "exact_duplicate"
     assert rej["case-space-of-1"]["reason"] == "exact_duplicate"  # case/whitespace never hide a copy
@@ -125,10 +133,16 @@ def test_below_threshold_candidates_are_kept(tmp_path):
 
 def test_keep_longest_and_exact_only(tmp_path):
     base = _base_texts(1)[0]
-    store, docs = _ingest(tmp_path, {"a.jsonl": [
-        {"id": "short", "text": base}, {"id": "long", "text": base + " And one more sentence at the end."},
-        {"id": "same", "text": base.lower()},
-    ]})
+    store, docs = _ingest(
+        tmp_path,
+        {
+            "a.jsonl": [
+                {"id": "short", "text": base},
+                {"id": "long", "text": base + " And one more sentence at the end."},
+                {"id": "same", "text": base.lower()},
+            ]
+        },
+    )
     out, _ = _chain(store, docs, keep="longest")
     assert out.read_table().column("id").to_pylist() == ["long"]
     out2, _ = _chain(store, docs, near=False)
@@ -139,9 +153,12 @@ def test_keep_longest_and_exact_only(tmp_path):
 def test_bad_input_never_crashes(tmp_path):
     big = ("mixed scripts Кириллица 漢字 עברית " * 2_000_000)[:50_000_000]  # a 50 MB document
     recs = [
-        {"id": "empty-1", "text": "..."}, {"id": "empty-2", "text": "!!!"},  # normalise to nothing
-        {"id": "ctrl", "text": "a\x00b\x07c\x1b[0m d e f g h"}, {"id": "ctrl2", "text": "A B\x00C D E F G H"},
-        {"id": "big", "text": big}, {"id": "mixed", "text": "English текст 中文 mixed 123"},
+        {"id": "empty-1", "text": "..."},
+        {"id": "empty-2", "text": "!!!"},  # normalise to nothing
+        {"id": "ctrl", "text": "a\x00b\x07c\x1b[0m d e f g h"},
+        {"id": "ctrl2", "text": "A B\x00C D E F G H"},
+        {"id": "big", "text": big},
+        {"id": "mixed", "text": "English текст 中文 mixed 123"},
     ]
     store, docs = _ingest(tmp_path, {"a.jsonl": recs})
     out, _ = _chain(store, docs)
@@ -198,8 +215,12 @@ def test_dask_local_cluster_keeps_same_ids(planted, tmp_path):
         client.gather(futures)
         return commit_stage(stage, cfg, inputs, staging, fp, len(units))
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
-                      processes=True) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None, processes=True
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         mh = run_distributed(client, MinHashStage(), [docs])
         cands = run_distributed(client, DedupCandidatesStage(), [mh])
         clusters = run_distributed(client, DedupClustersStage(), [cands, docs])

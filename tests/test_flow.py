@@ -6,7 +6,6 @@ import os
 import shutil
 from typing import Any
 
-import pyarrow as pa
 import pytest
 
 from flows.config import PipelineConfig
@@ -35,7 +34,9 @@ def task_states(flow_state) -> dict[str, list[str]]:
 
 
 def config(tmp_path, corpus) -> PipelineConfig:
-    return PipelineConfig(store={"root": str(tmp_path / "store")}, ingest=IngestConfig(paths=[str(corpus)], unit_files=1))
+    return PipelineConfig(
+        store={"root": str(tmp_path / "store")}, ingest=IngestConfig(paths=[str(corpus)], unit_files=1)
+    )
 
 
 def test_second_run_is_cached_and_deleted_artifact_is_recomputed(tmp_path, corpus):
@@ -78,7 +79,9 @@ def test_stats_table_artifact_is_published(tmp_path, corpus):
     assert metrics["rows in"] == 28 and metrics["rejected: invalid_json"] == 1
     with get_client(sync_client=True) as client:
         reports = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-report"])))
-        progress = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-progress"])))
+        progress = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-progress"]))
+        )
     md = reports[0].data
     assert reports[0].type == "markdown" and "| invalid_json | 1 |" in md and "## Dropped (first rows)" in md
     assert progress and progress[0].type == "progress" and float(progress[0].data) == 100.0
@@ -120,8 +123,18 @@ def run_flaky(tmp_path, corpus, **flaky):
     ingest = plan_pipeline(cfg)[0]
     fcfg = FlakyConfig(marker_dir=str(tmp_path / "calls"), **flaky)
     fp = FlakyStage().fingerprint(fcfg, [ingest.fingerprint])
-    planned = PlannedStage("flaky_copy", "flaky_copy", "flaky_copy", FlakyStage(), fcfg, ["ingest"], ["docs"], fp,
-                           store_for(cfg).path("flaky_copy", fp), False)
+    planned = PlannedStage(
+        "flaky_copy",
+        "flaky_copy",
+        "flaky_copy",
+        FlakyStage(),
+        fcfg,
+        ["ingest"],
+        ["docs"],
+        fp,
+        store_for(cfg).path("flaky_copy", fp),
+        False,
+    )
 
     @flow
     def two_stages():
@@ -168,24 +181,43 @@ def test_training_in_the_flow_reports_progress_logs_and_loss_curve(tmp_path):
 
     from conftest import REPO
 
-    cfg = PipelineConfig.model_validate({
-        "store": {"root": str(tmp_path / "store")},
-        "ingest": {"paths": [os.path.join(REPO, "examples", "data")]},
-        "tokenizer": {"vocab_size": 512},
-        "tokenize": {},
-        "pack": {"seq_len": 64},
-        "train": {"model": {"init": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}},
-                  "max_steps": 6, "micro_batch_size": 2, "eval_every": 3, "eval_batches": 1, "log_every": 1,
-                  "save_every": 6},
-    })
+    cfg = PipelineConfig.model_validate(
+        {
+            "store": {"root": str(tmp_path / "store")},
+            "ingest": {"paths": [os.path.join(REPO, "examples", "data")]},
+            "tokenizer": {"vocab_size": 512},
+            "tokenize": {},
+            "pack": {"seq_len": 64},
+            "train": {
+                "model": {
+                    "init": {
+                        "model_type": "llama",
+                        "hidden_size": 32,
+                        "intermediate_size": 64,
+                        "num_hidden_layers": 1,
+                        "num_attention_heads": 2,
+                        "num_key_value_heads": 2,
+                    }
+                },
+                "max_steps": 6,
+                "micro_batch_size": 2,
+                "eval_every": 3,
+                "eval_batches": 1,
+                "log_every": 1,
+                "save_every": 6,
+            },
+        }
+    )
     state = pipeline(config=cfg, return_state=True)
     refs = state.result()
     assert set(refs) == {"ingest", "tokenizer", "tokenize", "pack", "train"}
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["train-unit-progress", "train-report"])))
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-unit-progress", "train-report"]))
+        )
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     progress = next(a for a in arts if a.key == "train-unit-progress")
     assert float(progress.data) == 100.0
     report = next(a for a in arts if a.key == "train-report")
@@ -208,30 +240,61 @@ def test_two_training_sections_the_second_starts_from_the_first(tmp_path):
     and a rerun of the pipeline is all cached."""
     import json
 
-    from conftest import REPO, write_jsonl
     from flows.plan import plan_pipeline
     from flows.train import train_flow
 
-    sft = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"Repeat the word {w}.", "output": f"{w} {w}"}
-                                               for w in ("module", "function", "class", "string", "list", "value")] * 4)
-    tiny = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 2}
-    cfg = PipelineConfig.model_validate({
-        "store": {"root": str(tmp_path / "store")},
-        "ingest": {"paths": [os.path.join(REPO, "examples", "data")]},
-        "sft_ingest": {"paths": [sft]},
-        "tokenizer": {"vocab_size": 512},
-        "tokenize": {},
-        "sft_tokenize": {"template": "alpaca"},
-        "pack": {"seq_len": 64, "inputs": {"sft_tokenize": None}},  # pretraining text only
-        "sft_pack": {"kind": "pack", "seq_len": 256, "validation_fraction": 0.2, "inputs": {"tokenize": None}},
-        "train": {"model": {"init": tiny}, "max_steps": 4, "micro_batch_size": 2, "eval_every": 4, "eval_batches": 1,
-                  "save_every": 4},
-        "sft": {"kind": "train", "objective": "sft", "model": {"from": "train"}, "inputs": {"data": "sft_pack"},
-                "max_steps": 3, "micro_batch_size": 2, "eval_every": 3, "eval_batches": 1, "save_every": 3,
+    from conftest import REPO, write_jsonl
+
+    sft = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [
+            {"instruction": f"Repeat the word {w}.", "output": f"{w} {w}"}
+            for w in ("module", "function", "class", "string", "list", "value")
+        ]
+        * 4,
+    )
+    tiny = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    }
+    cfg = PipelineConfig.model_validate(
+        {
+            "store": {"root": str(tmp_path / "store")},
+            "ingest": {"paths": [os.path.join(REPO, "examples", "data")]},
+            "sft_ingest": {"paths": [sft]},
+            "tokenizer": {"vocab_size": 512},
+            "tokenize": {},
+            "sft_tokenize": {"template": "alpaca"},
+            "pack": {"seq_len": 64, "inputs": {"sft_tokenize": None}},  # pretraining text only
+            "sft_pack": {"kind": "pack", "seq_len": 256, "validation_fraction": 0.2, "inputs": {"tokenize": None}},
+            "train": {
+                "model": {"init": tiny},
+                "max_steps": 4,
+                "micro_batch_size": 2,
+                "eval_every": 4,
+                "eval_batches": 1,
+                "save_every": 4,
+            },
+            "sft": {
+                "kind": "train",
+                "objective": "sft",
+                "model": {"from": "train"},
+                "inputs": {"data": "sft_pack"},
+                "max_steps": 3,
+                "micro_batch_size": 2,
+                "eval_every": 3,
+                "eval_batches": 1,
+                "save_every": 3,
                 # a learning rate below float32 resolution: the weights stay where the run started
-                "optim": {"lr": 1e-30, "warmup_steps": 0}, "export": "last"},
-    })
+                "optim": {"lr": 1e-30, "warmup_steps": 0},
+                "export": "last",
+            },
+        }
+    )
     planned = {p.name: p for p in plan_pipeline(cfg)}
     assert planned["sft"].inputs == ["sft_pack", "tokenizer", "train"] and planned["sft"].kind == "train"
     assert planned["sft_pack"].inputs == ["sft_tokenize"] and planned["pack"].inputs == ["tokenize"]

@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_jsonl
 from tasks.artifacts import ArtifactStore
 from tasks.ingest import IngestConfig, IngestStage
 from tasks.stage import StageInputError, run_in_store
+
+from conftest import write_jsonl
 
 
 def ingest(tmp_path, **cfg):
@@ -29,8 +30,12 @@ def test_jsonl_bad_records_go_to_rejects_with_reasons(tmp_path, corpus):
     st = art.stats
     assert st.rows_in == 7 == st.rows_out + st.rows_rejected
     assert st.rejected == {
-        "empty_text": 1, "non_string_text": 1, "missing_text": 1,
-        "invalid_utf8": 1, "invalid_json": 1, "not_an_object": 1,
+        "empty_text": 1,
+        "non_string_text": 1,
+        "missing_text": 1,
+        "invalid_utf8": 1,
+        "invalid_json": 1,
+        "not_an_object": 1,
     }
     kept = art.read_table().to_pylist()
     assert [d["id"] for d in kept] == ["kept"]
@@ -42,7 +47,10 @@ def test_jsonl_bad_records_go_to_rejects_with_reasons(tmp_path, corpus):
 
 
 def test_ids_kept_or_stable_and_schema(tmp_path):
-    p = write_jsonl(tmp_path / "a.jsonl", [{"id": 17, "text": "with an int id"}, {"text": "no id", "url": "http://x/1", "lang": "en", "tag": "t"}])
+    p = write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"id": 17, "text": "with an int id"}, {"text": "no id", "url": "http://x/1", "lang": "en", "tag": "t"}],
+    )
     a1 = ingest(tmp_path, paths=[p]).read_table().to_pylist()
     a2 = ingest(tmp_path / "again", paths=[p]).read_table().to_pylist()
     assert a1 == a2  # deterministic, ids included

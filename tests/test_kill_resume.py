@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from conftest import write_jsonl
 from tasks.artifacts import ArtifactStore
 from tasks.ingest import IngestConfig, IngestStage
 from tasks.stage import run_in_store
+
+from conftest import write_jsonl
 
 SCRIPT = """
 import sys
@@ -30,7 +31,9 @@ print(art.path)
 def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(tmp_path):
     data = tmp_path / "data"
     for i in range(30):
-        write_jsonl(data / f"part{i:02d}.jsonl", [{"id": f"{i}-{j}", "text": f"file {i} line {j} " * 5} for j in range(6000)])
+        write_jsonl(
+            data / f"part{i:02d}.jsonl", [{"id": f"{i}-{j}", "text": f"file {i} line {j} " * 5} for j in range(6000)]
+        )
     cfg = IngestConfig(paths=[str(data)], unit_files=1)
     fp = IngestStage().fingerprint(cfg, [])
     root = str(tmp_path / "killed")
@@ -52,9 +55,7 @@ def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(tmp_path):
     finished = sorted(n for n in os.listdir(units_dir) if n.endswith(".json"))
     assert 3 <= len(finished) < 30
     staging_dir = os.path.dirname(units_dir)
-    done_shards = {
-        f"part-{int(n[:-5]):05d}-0000.parquet" for n in finished
-    }
+    done_shards = {f"part-{int(n[:-5]):05d}-0000.parquet" for n in finished}
     before = {s: os.stat(os.path.join(staging_dir, s)).st_mtime_ns for s in done_shards}
 
     resumed = run_in_store(IngestStage(), cfg, [], store)

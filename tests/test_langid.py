@@ -7,11 +7,12 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from conftest import write_jsonl
 from tasks.artifacts import ArtifactStore
 from tasks.ingest import IngestConfig, IngestStage
 from tasks.langid import LangIdConfig, LangIdStage, LanguageIdentifier, model_input
 from tasks.stage import StageInputError, run_in_store
+
+from conftest import write_jsonl
 
 SAMPLES = {
     "en": "The committee met on Tuesday to review the budget for the coming year and agreed on new hours.",
@@ -61,8 +62,12 @@ def test_stage_labels_every_document_and_filters(tmp_path):
     assert kept["huge"]["lang"] == "de" and kept["shout"]["lang"] == "en"
     rej = {r["id"]: r for r in art.read_table(table="rejects").to_pylist()}
     assert {k: r["reason"] for k, r in rej.items()} == {
-        "fr": "langid:language_not_kept", "es": "langid:language_not_kept", "ru": "langid:language_not_kept",
-        "ja": "langid:language_not_kept", "empty": "langid:no_text"}
+        "fr": "langid:language_not_kept",
+        "es": "langid:language_not_kept",
+        "ru": "langid:language_not_kept",
+        "ja": "langid:language_not_kept",
+        "empty": "langid:no_text",
+    }
     assert rej["ru"]["lang"] == "ru"
     for row in [*kept.values(), *rej.values()]:  # lang and lang_score on every document, kept or not
         assert "lang_score" in json.loads(row["meta"])

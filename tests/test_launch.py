@@ -28,8 +28,15 @@ CFG = TrainConfig.model_validate({"model": {"init": {"model_type": "llama"}}, "l
 
 
 def test_abort_after_every_rank_finished_is_a_complete_run(monkeypatch, caplog):
-    group(monkeypatch, events({"kiln": "saved", "path": "/x", "steps": 3}, {"kiln": "finished", "rank": 0},
-                              {"kiln": "finished", "rank": 1}) + "import os; os.abort()\n")
+    group(
+        monkeypatch,
+        events(
+            {"kiln": "saved", "path": "/x", "steps": 3},
+            {"kiln": "finished", "rank": 0},
+            {"kiln": "finished", "rank": 1},
+        )
+        + "import os; os.abort()\n",
+    )
     with caplog.at_level(logging.WARNING, logger="kiln.train"):
         got = launch.run(CFG, "unused.json")
     assert [e["kiln"] for e in got] == ["saved", "finished", "finished"]
@@ -43,8 +50,15 @@ def test_abort_before_a_rank_finished_is_a_failure(monkeypatch):
 
 
 def test_a_rank_error_fails_the_run_even_if_others_finished(monkeypatch):
-    group(monkeypatch, events({"kiln": "finished", "rank": 0}, {"kiln": "finished", "rank": 1},
-                              {"kiln": "error", "rank": 1, "error": "ValueError: boom"}) + "raise SystemExit(1)\n")
+    group(
+        monkeypatch,
+        events(
+            {"kiln": "finished", "rank": 0},
+            {"kiln": "finished", "rank": 1},
+            {"kiln": "error", "rank": 1, "error": "ValueError: boom"},
+        )
+        + "raise SystemExit(1)\n",
+    )
     with pytest.raises(TrainLaunchError, match="rank 1: ValueError: boom"):
         launch.run(CFG, "unused.json")
 
@@ -56,11 +70,10 @@ def test_clean_exit_returns_the_events(monkeypatch):
 
 def test_events_that_ran_together_on_one_line_are_all_read(monkeypatch):
     # Two ranks share the launcher's pipe: an event can follow other output, or another event, on one line.
-    a = json.dumps({"kiln": "error", "rank": 0, "error": "loss is nan at step 2; stopping",
-                    "kind": "non_finite_loss"})
-    b = json.dumps({"kiln": "error", "rank": 1, "error": "loss is nan at step 2; stopping",
-                    "kind": "non_finite_loss"})
-    script = f"import sys; sys.stdout.write({('warning: x ' + a + b + chr(10))!r}); sys.stdout.flush(); raise SystemExit(3)\n"
+    a = json.dumps({"kiln": "error", "rank": 0, "error": "loss is nan at step 2; stopping", "kind": "non_finite_loss"})
+    b = json.dumps({"kiln": "error", "rank": 1, "error": "loss is nan at step 2; stopping", "kind": "non_finite_loss"})
+    line = "warning: x " + a + b + chr(10)
+    script = f"import sys; sys.stdout.write({line!r}); sys.stdout.flush(); raise SystemExit(3)\n"
     group(monkeypatch, script)
     with pytest.raises(TrainLaunchError, match=r"training stopped on rank 0: loss is nan at step 2"):
         launch.run(CFG, "unused.json")

@@ -12,7 +12,6 @@ from collections import defaultdict
 import pytest
 from pydantic import ValidationError
 
-from conftest import write_jsonl
 from tasks.artifacts import ArtifactStore
 from tasks.ingest import IngestConfig, IngestStage, SftIngestConfig, SftIngestStage
 from tasks.pack import MixtureComponent, PackConfig, PackStage
@@ -25,6 +24,8 @@ from tasks.tokenize import (
     TokenizerStage,
     TokenizeStage,
 )
+
+from conftest import write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCSTRINGS = os.path.join(REPO, "examples", "data", "stdlib_docstrings.jsonl")
@@ -50,8 +51,12 @@ def data(tmp_path_factory):
     rnd = random.Random(7)
     words = " ".join(r["text"] for r in records[:20]).split()
     examples = [
-        {"id": f"ex-{i}", "instruction": " ".join(rnd.sample(words, rnd.randint(2, 8))), "input": "",
-         "output": " ".join(rnd.sample(words, rnd.randint(1, 10)))}
+        {
+            "id": f"ex-{i}",
+            "instruction": " ".join(rnd.sample(words, rnd.randint(2, 8))),
+            "input": "",
+            "output": " ".join(rnd.sample(words, rnd.randint(1, 10))),
+        }
         for i in range(40)
     ]
     examples.append({"id": "ex-long", "instruction": "Repeat.", "output": " ".join(words[:400])})
@@ -123,7 +128,9 @@ def test_packing_loses_and_duplicates_no_token(data, tmp_path, mode):
     packing = art.manifest["packing"]
     total = sum(len(v) for v in expected.values())
     assert packing["train"]["tokens"] + packing["validation"]["tokens"] == total
-    assert packing["train"]["sequences"] == art.num_rows and packing["validation"]["sequences"] == art.table_rows("validation")
+    assert packing["train"]["sequences"] == art.num_rows and packing["validation"]["sequences"] == art.table_rows(
+        "validation"
+    )
     assert 0.9 < packing["train"]["efficiency"] <= 1
     if mode == "bfd":  # only documents longer than a row are split, and those into full rows + one remainder
         split_docs = {d for r in rows for d, o in zip(r["doc_ids"], r["doc_offsets"]) if o > 0}
@@ -203,9 +210,15 @@ def test_mixture_weights_caps_and_repeats_are_deterministic_and_recorded(data, t
     assert st.rows_in == data["text"].num_rows + data["sft"].num_rows == st.rows_out + st.rows_rejected
     assert st.rejected["not_sampled"] > 0
     # upsampling to a total: the small dataset is repeated, each copy in the same split as the original
-    up = pack(data, tmp_path / "c", inputs=inputs, seq_len=SFT_SEQ, validation_fraction=0.2,
-              mixture=[MixtureComponent(name="web", weight=1), MixtureComponent(name="sft", weight=1)],
-              total_tokens=2 * text_tokens)
+    up = pack(
+        data,
+        tmp_path / "c",
+        inputs=inputs,
+        seq_len=SFT_SEQ,
+        validation_fraction=0.2,
+        mixture=[MixtureComponent(name="web", weight=1), MixtureComponent(name="sft", weight=1)],
+        total_tokens=2 * text_tokens,
+    )
     assert up.manifest["mixture"]["sft"]["rate"] > 2 and up.manifest["mixture"]["web"]["rate"] == 1.0
     assert up.stats.extra["mixture.sft.docs"] > 2 * (data["sft"].num_rows - 1)
     train = {d for r in up.read_table().to_pylist() for d in r["doc_ids"]}
@@ -252,4 +265,7 @@ def test_binpack_covers_every_token_once_and_bfd_fills_rows():
         if pack_fn is pack_best_fit_decreasing:
             assert efficiency > 0.99
             assert all(len(covered[i]) == 1 for i, n in enumerate(lengths) if n <= seq)
-    assert pack_best_fit_decreasing([6, 5, 4, 3, 2], [False] * 5, 10) == [[(0, 0, 6), (2, 0, 4)], [(1, 0, 5), (3, 0, 3), (4, 0, 2)]]
+    assert pack_best_fit_decreasing([6, 5, 4, 3, 2], [False] * 5, 10) == [
+        [(0, 0, 6), (2, 0, 4)],
+        [(1, 0, 5), (3, 0, 3), (4, 0, 2)],
+    ]

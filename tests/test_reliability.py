@@ -13,20 +13,23 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, write_jsonl
 from flows.config import PipelineConfig
 from tasks.artifacts import MANIFEST, Artifact, ArtifactStore, UnitBusy
 from tasks.artifacts.store import recover_trash, replace_directory
 from tasks.ingest import IngestConfig, IngestStage
 from tasks.stage import StageInputError, run_in_store
 
+from conftest import REPO, write_jsonl
+
 
 def _docs(n: int) -> list[dict]:
     """n documents of real prose (the standard library's docstrings shipped in examples/, repeated)."""
     with open(os.path.join(REPO, "examples", "data", "stdlib_docstrings.jsonl")) as f:
         texts = [json.loads(line)["text"] for line in f]
-    return [{"id": f"d{i}", "text": texts[i % len(texts)] if i < len(texts) else texts[i % len(texts)][: 200 + i]}
-            for i in range(n)]
+    return [
+        {"id": f"d{i}", "text": texts[i % len(texts)] if i < len(texts) else texts[i % len(texts)][: 200 + i]}
+        for i in range(n)
+    ]
 
 
 def _files(path: str) -> dict[str, bytes]:
@@ -44,8 +47,13 @@ def test_refresh_replaces_a_damaged_artifact_with_a_fresh_one(tmp_path):
     from flows.pipeline import pipeline
 
     corpus = write_jsonl(tmp_path / "c.jsonl", _docs(200))
-    cfg = PipelineConfig.model_validate({"store": {"root": str(tmp_path / "store")}, "ingest": {"paths": [corpus]},
-                                         "clean": {"c4": {"enabled": False}, "gopher_quality": {"min_words": 20}}})
+    cfg = PipelineConfig.model_validate(
+        {
+            "store": {"root": str(tmp_path / "store")},
+            "ingest": {"paths": [corpus]},
+            "clean": {"c4": {"enabled": False}, "gopher_quality": {"min_words": 20}},
+        }
+    )
     fresh = pipeline(config=cfg)["clean"]
     art = Artifact.open(fresh["path"])
     good = _files(art.path)
@@ -90,13 +98,23 @@ def test_a_unit_locked_by_a_live_run_is_not_written_and_a_dead_owner_frees_it(tm
     stage, cfg = IngestStage(), IngestConfig(paths=[corpus])
     staging = store.staging("ingest", stage.fingerprint(cfg, []))
     os.makedirs(os.path.join(staging.dir, "_locks"))
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, json, os, sys, time\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'here', 'since': 'now'}).encode())\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(60)\n"), os.path.join(staging.dir, "_locks", "00000.lock")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, json, os, sys, time\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'here', 'since': 'now'}).encode())\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(60)\n"
+            ),
+            os.path.join(staging.dir, "_locks", "00000.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UnitBusy, match=f"being written by another live run \\(pid {holder.pid} on here"):
@@ -118,9 +136,13 @@ def test_a_failing_stage_names_its_section_and_field(tmp_path):
     broken.mkdir()
     (broken / "tokenizer.json").write_text("{not json")
     (broken / "tokenizer_config.json").write_text("{}")
-    cfg = PipelineConfig.model_validate({"store": {"root": str(tmp_path / "store")},
-                                         "ingest": {"paths": [write_jsonl(tmp_path / "c.jsonl", _docs(5))]},
-                                         "tokenizer": {"path": str(broken)}})
+    cfg = PipelineConfig.model_validate(
+        {
+            "store": {"root": str(tmp_path / "store")},
+            "ingest": {"paths": [write_jsonl(tmp_path / "c.jsonl", _docs(5))]},
+            "tokenizer": {"path": str(broken)},
+        }
+    )
     with pytest.raises(StageInputError, match="^tokenizer.path: cannot load a tokenizer from"):
         pipeline(config=cfg)
 
@@ -129,14 +151,23 @@ def test_a_failing_stage_names_its_section_and_field(tmp_path):
 def test_tokenize_with_a_tokenizer_directory_runs_in_a_pipeline(tmp_path):
     from flows.pipeline import pipeline
     from flows.plan import plan_pipeline
+
     from train_fixtures import make_tokenizer
 
     tok = make_tokenizer(str(tmp_path / "tok"))
-    cfg = PipelineConfig.model_validate({"store": {"root": str(tmp_path / "store")},
-                                         "ingest": {"paths": [write_jsonl(tmp_path / "c.jsonl", _docs(30))]},
-                                         "tokenize": {"tokenizer": tok.path}, "pack": {"seq_len": 32}})
-    assert [(p.name, p.inputs) for p in plan_pipeline(cfg)] == [("ingest", []), ("tokenize", ["ingest"]),
-                                                                ("pack", ["tokenize"])]
+    cfg = PipelineConfig.model_validate(
+        {
+            "store": {"root": str(tmp_path / "store")},
+            "ingest": {"paths": [write_jsonl(tmp_path / "c.jsonl", _docs(30))]},
+            "tokenize": {"tokenizer": tok.path},
+            "pack": {"seq_len": 32},
+        }
+    )
+    assert [(p.name, p.inputs) for p in plan_pipeline(cfg)] == [
+        ("ingest", []),
+        ("tokenize", ["ingest"]),
+        ("pack", ["tokenize"]),
+    ]
     refs = pipeline(config=cfg)
     assert Artifact.open(refs["tokenize"]["path"]).num_rows == 30 and refs["pack"]["rows"] > 0
 
@@ -184,11 +215,14 @@ def test_sigkill_of_kiln_run_leaves_no_launcher_or_rank_and_the_rerun_resumes(tm
 
     root = tmp_path / "store"
     cfg_path = tmp_path / "kill.yaml"
-    cfg_path.write_text(TRAIN_YAML.format(root=root, data=os.path.join(REPO, "examples", "data", "stdlib_docstrings.jsonl")))
+    cfg_path.write_text(
+        TRAIN_YAML.format(root=root, data=os.path.join(REPO, "examples", "data", "stdlib_docstrings.jsonl"))
+    )
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     cmd = [sys.executable, "-m", "flows.cli", "run", str(cfg_path)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     staging = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -224,8 +258,11 @@ def test_sigkill_of_kiln_run_leaves_no_launcher_or_rank_and_the_rerun_resumes(tm
     p = planned["train"]
     inputs = [Artifact.open(planned[i].path, s) for i, s in zip(p.inputs, p.slots)]
     reference = run_in_store(TrainStage(), p.cfg, inputs, ArtifactStore(str(tmp_path / "reference")))
-    ref = {h["step"]: h["loss"] for h in json.load(open(os.path.join(reference.path, "metrics.json")))["history"]
-           if h["kind"] == "train"}
+    ref = {
+        h["step"]: h["loss"]
+        for h in json.load(open(os.path.join(reference.path, "metrics.json")))["history"]
+        if h["kind"] == "train"
+    }
     got = {h["step"]: h["loss"] for h in resumed if h["kind"] == "train"}
     assert sorted(got) == sorted(ref) == [200]  # the final step's log
     assert got[200] == pytest.approx(ref[200], rel=1e-5, abs=1e-6)

@@ -24,24 +24,42 @@ def served(prefect_server, tmp_path_factory):
     """`kiln serve` of a deployments file (same format as deployments/prefect.yaml) against the server."""
     tmp = tmp_path_factory.mktemp("served")
     corpus = tmp / "corpus"
-    write_jsonl(corpus / "docs.jsonl", [{"id": f"s{i}", "text": f"served document {i}"} for i in range(12)],
-                raw_lines=[b"{broken"])
+    write_jsonl(
+        corpus / "docs.jsonl",
+        [{"id": f"s{i}", "text": f"served document {i}"} for i in range(12)],
+        raw_lines=[b"{broken"],
+    )
     spec = {
         "deployments": [
-            {"name": "every-20s", "entrypoint": "flows/pipeline.py:pipeline",
-             "parameters": {"config": small_config(tmp / "sched-store", corpus)},
-             "schedules": [{"interval": 20}]},
-            {"name": "manual", "entrypoint": "flows/pipeline.py:pipeline",
-             "parameters": {"config": small_config(tmp / "manual-store", corpus)}},
-            {"name": "data", "entrypoint": "flows/data.py:data_flow",
-             "parameters": {"config": small_config(tmp / "data-store", corpus)}},
+            {
+                "name": "every-20s",
+                "entrypoint": "flows/pipeline.py:pipeline",
+                "parameters": {"config": small_config(tmp / "sched-store", corpus)},
+                "schedules": [{"interval": 20}],
+            },
+            {
+                "name": "manual",
+                "entrypoint": "flows/pipeline.py:pipeline",
+                "parameters": {"config": small_config(tmp / "manual-store", corpus)},
+            },
+            {
+                "name": "data",
+                "entrypoint": "flows/data.py:data_flow",
+                "parameters": {"config": small_config(tmp / "data-store", corpus)},
+            },
         ]
     }
     path = tmp / "deployments.yaml"
     path.write_text(yaml.safe_dump(spec))
     log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--file", str(path)], cwd=REPO,
-                            env=prefect_server.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--file", str(path)],
+        cwd=REPO,
+        env=prefect_server.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -130,7 +148,9 @@ def test_bad_parameter_refused_naming_the_field(prefect_server, served):
 def test_artifacts_readable_through_the_api(prefect_server, served):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        arts = prefect_server.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["ingest-stats", "ingest-report"]}}}).json()
+        arts = prefect_server.post(
+            "/artifacts/filter", {"artifacts": {"key": {"any_": ["ingest-stats", "ingest-report"]}}}
+        ).json()
         if {a["type"] for a in arts} >= {"table", "markdown"}:
             break
         time.sleep(1)
@@ -187,8 +207,12 @@ def test_failure_notification_automation_from_the_shipped_template(prefect_serve
         template = open(os.path.join(REPO, "deployments", "automations.yaml")).read()
         automation = tmp_path / "automations.yaml"
         automation.write_text(template.replace("00000000-0000-0000-0000-000000000000", block_id))
-        r = subprocess.run([sys.executable, "-m", "prefect", "automation", "create", "--from-file", str(automation)],
-                           env=prefect_server.env, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "prefect", "automation", "create", "--from-file", str(automation)],
+            env=prefect_server.env,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
 
         d = deployment(prefect_server, "manual")
@@ -210,10 +234,21 @@ def test_retry_of_a_run_failed_in_a_middle_stage_reruns_only_that_stage_onward(p
     """ingest -> clean -> langid; clean fails (its store directory is blocked by a file), the block is
     removed, and `prefect flow-run retry` re-executes clean and langid while ingest comes back Cached."""
     corpus = tmp_path / "corpus"
-    write_jsonl(corpus / "d.jsonl", [{"id": f"r{i}", "text": " ".join(["This is a fine English sentence about rivers and hills."] * 4) + f" {i}"} for i in range(6)])
+    write_jsonl(
+        corpus / "d.jsonl",
+        [
+            {"id": f"r{i}", "text": " ".join(["This is a fine English sentence about rivers and hills."] * 4) + f" {i}"}
+            for i in range(6)
+        ],
+    )
     root = tmp_path / "store"
-    cfg = {"name": "retry", "store": {"root": str(root)}, "ingest": {"paths": [str(corpus)]},
-           "clean": {"c4": {"enabled": False}}, "langid": {"languages": ["en"]}}
+    cfg = {
+        "name": "retry",
+        "store": {"root": str(root)},
+        "ingest": {"paths": [str(corpus)]},
+        "clean": {"c4": {"enabled": False}},
+        "langid": {"languages": ["en"]},
+    }
     root.mkdir()
     (root / "clean").write_text("not a directory: the clean stage cannot write here")
     d = deployment(prefect_server, "manual")
@@ -224,8 +259,13 @@ def test_retry_of_a_run_failed_in_a_middle_stage_reruns_only_that_stage_onward(p
     assert {r["name"] for r in first} >= {"ingest", "ingest[0]"} and "langid" not in {r["name"] for r in first}
 
     (root / "clean").unlink()
-    r = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", run["id"]], env=prefect_server.env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "prefect", "flow-run", "retry", run["id"]],
+        env=prefect_server.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

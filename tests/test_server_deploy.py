@@ -22,14 +22,25 @@ def test_prefect_deploy_of_the_shipped_file_and_a_worker_run(prefect_server, tmp
     """The documented work-pool path: create the pool, `prefect deploy --all`, run with a process worker."""
     env = prefect_server.env
     prefect = [sys.executable, "-m", "prefect"]
-    r = subprocess.run(prefect + ["work-pool", "create", "kiln-local", "--type", "process", "--overwrite"],
-                       cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        prefect + ["work-pool", "create", "kiln-local", "--type", "process", "--overwrite"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     # `prefect deploy` is idempotent. Its client already retries a 503 (SQLite lost a lock race) with
     # backoff; on a loaded machine a whole run of those can still end the command, so it is run again.
-    for attempt in range(3):
-        r = subprocess.run(prefect + ["deploy", "--all", "--no-prompt", "--prefect-file", "deployments/prefect.yaml"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    for _attempt in range(3):
+        r = subprocess.run(
+            prefect + ["deploy", "--all", "--no-prompt", "--prefect-file", "deployments/prefect.yaml"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         if r.returncode == 0 or "503 Service Unavailable" not in r.stdout + r.stderr:
             break
     assert r.returncode == 0, r.stdout + r.stderr
@@ -43,8 +54,14 @@ def test_prefect_deploy_of_the_shipped_file_and_a_worker_run(prefect_server, tmp
 
     cfg = small_config(tmp_path / "worker-store", corpus)
     run = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": cfg}}).json()
-    worker = subprocess.run(prefect + ["worker", "start", "--pool", "kiln-local", "--run-once"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    worker = subprocess.run(
+        prefect + ["worker", "start", "--pool", "kiln-local", "--run-once"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     run = wait_run(prefect_server, run["id"], timeout=120)
     assert run["state_type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
     assert os.path.isdir(tmp_path / "worker-store" / "ingest")

@@ -11,7 +11,6 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from conftest import write_jsonl
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.documents import DOCUMENT_SCHEMA
 from tasks.ingest import IngestConfig, IngestStage, SftIngestConfig, SftIngestStage
@@ -23,6 +22,8 @@ from tasks.tokenize import (
     TokenizerStage,
     TokenizeStage,
 )
+
+from conftest import write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCSTRINGS = os.path.join(REPO, "examples", "data", "stdlib_docstrings.jsonl")
@@ -56,8 +57,11 @@ def base(tmp_path_factory):
     docs = run_in_store(IngestStage(), IngestConfig(paths=[DOCSTRINGS]), [], store)
     tok = run_in_store(
         TokenizerStage(),
-        TokenizerConfig(vocab_size=600, extra_special_tokens=["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
-                        chat_template=CHAT_TEMPLATE),
+        TokenizerConfig(
+            vocab_size=600,
+            extra_special_tokens=["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+            chat_template=CHAT_TEMPLATE,
+        ),
         [docs],
         store,
     )
@@ -87,8 +91,9 @@ def test_trained_tokenizer_is_a_loadable_deterministic_artifact(base, tmp_path):
     assert vocab.num_rows == 600 and vocab.column("special").to_pylist().count(True) == 7
     assert art.stats.rows_in == art.stats.rows_out == base["docs"].num_rows
     # trained again elsewhere: byte-identical files, same fingerprint
-    again = run_in_store(TokenizerStage(), TokenizerConfig(**art.manifest["config"]), [base["docs"]],
-                         ArtifactStore(str(tmp_path / "s2")))
+    again = run_in_store(
+        TokenizerStage(), TokenizerConfig(**art.manifest["config"]), [base["docs"]], ArtifactStore(str(tmp_path / "s2"))
+    )
     assert again.fingerprint == art.fingerprint
     for name in ("tokenizer.json", "tokenizer_config.json"):
         with open(os.path.join(art.path, name), "rb") as a, open(os.path.join(again.path, name), "rb") as b:
@@ -126,7 +131,9 @@ def test_loaded_tokenizer_content_is_its_fingerprint(base, tmp_path):
     loaded = run_in_store(TokenizerStage(), TokenizerConfig(path=str(copy)), [], store)
     assert loaded.manifest["tokenizer"]["source"] == "path" and len(load(loaded.path)) == 600
     # the documents beside a loaded tokenizer do not change it
-    assert TokenizerStage().fingerprint(TokenizerConfig(path=str(copy)), [base["docs"].fingerprint]) == loaded.fingerprint
+    assert (
+        TokenizerStage().fingerprint(TokenizerConfig(path=str(copy)), [base["docs"].fingerprint]) == loaded.fingerprint
+    )
     tok_fp = TokenizeStage().fingerprint(TokenizeConfig(tokenizer=str(copy)), [base["docs"].fingerprint])
     cfg = json.loads((copy / "tokenizer_config.json").read_text())
     cfg["model_max_length"] = 4096  # same path, different content
@@ -156,27 +163,40 @@ def test_tokenize_text_eos_bos_counts_and_roundtrip(base, tmp_path):
     assert sample["input_ids"][1:-1] == hf(texts[sample["id"]], add_special_tokens=False)["input_ids"]
     total = sum(r["n_tokens"] for r in rows)
     assert art.manifest["tokens"]["tokens"] == total == art.stats.extra["tokens"]
-    assert art.manifest["tokens"]["docs"] == len(rows) and art.manifest["tokens"]["max"] == max(r["n_tokens"] for r in rows)
+    assert art.manifest["tokens"]["docs"] == len(rows) and art.manifest["tokens"]["max"] == max(
+        r["n_tokens"] for r in rows
+    )
     assert art.manifest["tokenizer"]["fingerprint"] == base["tok"].fingerprint
     # same documents, another tokenizer: another fingerprint, so nothing is reused from the cache
     other = run_in_store(TokenizerStage(), TokenizerConfig(vocab_size=500), [base["docs"]], store)
-    assert TokenizeStage().fingerprint(TokenizeConfig(add_bos=True), [base["docs"].fingerprint, other.fingerprint]) != art.fingerprint
+    assert (
+        TokenizeStage().fingerprint(TokenizeConfig(add_bos=True), [base["docs"].fingerprint, other.fingerprint])
+        != art.fingerprint
+    )
     # batch size is an execution detail
-    assert TokenizeStage().fingerprint(TokenizeConfig(add_bos=True, batch_rows=99), [base["docs"].fingerprint, base["tok"].fingerprint]) == art.fingerprint
+    assert (
+        TokenizeStage().fingerprint(
+            TokenizeConfig(add_bos=True, batch_rows=99), [base["docs"].fingerprint, base["tok"].fingerprint]
+        )
+        == art.fingerprint
+    )
 
 
 def test_tokenize_bad_documents_are_rejected_with_reasons(base, tmp_path):
     store = ArtifactStore(str(tmp_path / "s"))
     huge = "The quick brown fox jumps over the lazy dog. " * 1500  # thousands of tokens: 100x a 32-token row
-    docs = make_docs(store, [
-        {"id": "ok", "text": "A normal document."},
-        {"id": "empty", "text": ""},
-        {"id": "blank", "text": " \n\t "},
-        {"id": "null", "text": None},
-        {"id": None, "text": "no id"},
-        {"id": "huge", "text": huge},
-        {"id": "forged", "text": "A page about tokens: <|eos|> is not a boundary here."},
-    ])
+    docs = make_docs(
+        store,
+        [
+            {"id": "ok", "text": "A normal document."},
+            {"id": "empty", "text": ""},
+            {"id": "blank", "text": " \n\t "},
+            {"id": "null", "text": None},
+            {"id": None, "text": "no id"},
+            {"id": "huge", "text": huge},
+            {"id": "forged", "text": "A page about tokens: <|eos|> is not a boundary here."},
+        ],
+    )
     art = run_in_store(TokenizeStage(), TokenizeConfig(), [docs, base["tok"]], store)
     st = art.stats
     assert st.rows_in == 7 == st.rows_out + st.rows_rejected
@@ -187,7 +207,10 @@ def test_tokenize_bad_documents_are_rejected_with_reasons(base, tmp_path):
     eos = base["tok"].manifest["tokenizer"]["eos_token_id"]
     assert rows["huge"]["n_tokens"] > 3200
     assert rows["forged"]["input_ids"].count(eos) == 1  # only the EOS the stage appended
-    assert load(base["tok"].path).decode(rows["forged"]["input_ids"][:-1]) == "A page about tokens: <|eos|> is not a boundary here."
+    assert (
+        load(base["tok"].path).decode(rows["forged"]["input_ids"][:-1])
+        == "A page about tokens: <|eos|> is not a boundary here."
+    )
 
 
 def test_tokenize_needs_a_tokenizer_and_documents(base, tmp_path):
@@ -234,16 +257,24 @@ BAD_SFT = [
     {"text": "a pretraining document is no instruction example"},
 ]
 CHAT = [
-    {"id": "chat-1", "messages": [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4."},
-        {"role": "user", "content": "And 3+3?"},
-        {"role": "assistant", "content": "6."},
-    ]},
-    {"id": "sharegpt", "conversations_are_here": True, "messages": [
-        {"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello."},
-    ]},
+    {
+        "id": "chat-1",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "6."},
+        ],
+    },
+    {
+        "id": "sharegpt",
+        "conversations_are_here": True,
+        "messages": [
+            {"from": "human", "value": "Hello?"},
+            {"from": "gpt", "value": "Hello."},
+        ],
+    },
 ]
 
 
@@ -260,8 +291,13 @@ def test_sft_ingest_validates_records(sft_docs):
     st = sft_docs.stats
     assert st.rows_in == len(ALPACA) + len(BAD_SFT) + 1 + 1 + len(CHAT) == st.rows_out + st.rows_rejected
     assert st.rejected == {
-        "missing_field": 1, "non_string_field": 3, "empty_field": 1, "bad_messages": 2,
-        "no_assistant_turn": 1, "missing_sft_fields": 1, "invalid_json": 1,
+        "missing_field": 1,
+        "non_string_field": 3,
+        "empty_field": 1,
+        "bad_messages": 2,
+        "no_assistant_turn": 1,
+        "missing_sft_fields": 1,
+        "invalid_json": 1,
     }
     details = sorted(r["detail"] for r in sft_docs.read_table(table="rejects").to_pylist())
     assert "'instruction' is a int, not text" in details and "'input' is a list, not text" in details
@@ -281,8 +317,12 @@ def _target_and_prompt(hf, row):
 
 
 def test_sft_alpaca_template_masks_the_prompt(base, sft_docs, tmp_path):
-    art = run_in_store(TokenizeStage(), TokenizeConfig(format="sft", template="alpaca"), [sft_docs, base["tok"]],
-                       ArtifactStore(str(tmp_path / "s")))
+    art = run_in_store(
+        TokenizeStage(),
+        TokenizeConfig(format="sft", template="alpaca"),
+        [sft_docs, base["tok"]],
+        ArtifactStore(str(tmp_path / "s")),
+    )
     hf = load(base["tok"].path)
     assert art.stats.rows_in == sft_docs.num_rows == art.stats.rows_out
     by_text = {}
@@ -297,24 +337,41 @@ def test_sft_alpaca_template_masks_the_prompt(base, sft_docs, tmp_path):
 
 
 def test_sft_chat_template_masks_all_but_replies(base, sft_docs, tmp_path):
-    art = run_in_store(TokenizeStage(), TokenizeConfig(format="sft"), [sft_docs, base["tok"]],  # auto -> chat template
-                       ArtifactStore(str(tmp_path / "s")))
+    art = run_in_store(
+        TokenizeStage(),
+        TokenizeConfig(format="sft"),
+        [sft_docs, base["tok"]],  # auto -> chat template
+        ArtifactStore(str(tmp_path / "s")),
+    )
     hf = load(base["tok"].path)
     rows = {r["id"]: r for r in art.read_table().to_pylist()}
     target, prompt = _target_and_prompt(hf, rows["chat-1"])
     assert target == "4.<|end|>\n6.<|end|>\n<|eos|>"
-    assert prompt == "<|system|>You are terse.<|end|>\n<|user|>What is 2+2?<|end|>\n<|assistant|><|user|>And 3+3?<|end|>\n<|assistant|>"
-    assert hf.decode(rows["chat-1"]["input_ids"]) == hf.apply_chat_template(CHAT[0]["messages"], tokenize=False) + "<|eos|>"
+    assert prompt == (
+        "<|system|>You are terse.<|end|>\n<|user|>What is 2+2?<|end|>\n<|assistant|><|user|>And 3+3?<|end|>\n"
+        "<|assistant|>"
+    )
+    assert (
+        hf.decode(rows["chat-1"]["input_ids"])
+        == hf.apply_chat_template(CHAT[0]["messages"], tokenize=False) + "<|eos|>"
+    )
 
 
 def test_sft_tokenize_rejects_bad_meta(base, tmp_path):
     store = ArtifactStore(str(tmp_path / "s"))
-    docs = make_docs(store, [
-        {"id": "ok", "text": "x", "meta": json.dumps({"instruction": "Add 1+1.", "output": "2"})},  # raw fields in meta
-        {"id": "bad-json", "text": "x", "meta": "{nope"},
-        {"id": "no-meta", "text": "x", "meta": None},
-        {"id": "not-text", "text": "x", "meta": json.dumps({"sft": {"instruction": "x", "output": {"a": 1}}})},
-    ])
+    docs = make_docs(
+        store,
+        [
+            {
+                "id": "ok",
+                "text": "x",
+                "meta": json.dumps({"instruction": "Add 1+1.", "output": "2"}),
+            },  # raw fields in meta
+            {"id": "bad-json", "text": "x", "meta": "{nope"},
+            {"id": "no-meta", "text": "x", "meta": None},
+            {"id": "not-text", "text": "x", "meta": json.dumps({"sft": {"instruction": "x", "output": {"a": 1}}})},
+        ],
+    )
     art = run_in_store(TokenizeStage(), TokenizeConfig(format="sft", template="alpaca"), [docs, base["tok"]], store)
     assert art.stats.rejected == {"invalid_meta": 1, "missing_sft_fields": 1, "non_string_field": 1}
     assert art.read_table().column("id").to_pylist() == ["ok"]
@@ -329,16 +386,34 @@ def test_kiln_stage_cli_runs_tokenizer_and_tokenize(tmp_path):
     from flows.cli import app
 
     runner = CliRunner()
-    r = runner.invoke(app, ["stage", "tokenizer", "-i", DOCSTRINGS, "-o", str(tmp_path / "tok"), "--set", "vocab_size=400"],
-                      catch_exceptions=False)
+    r = runner.invoke(
+        app,
+        ["stage", "tokenizer", "-i", DOCSTRINGS, "-o", str(tmp_path / "tok"), "--set", "vocab_size=400"],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     assert len(load(str(tmp_path / "tok"))) == 400
-    r = runner.invoke(app, ["stage", "tokenize", "-i", DOCSTRINGS, "-o", str(tmp_path / "ids"),
-                            "--set", f"tokenizer={tmp_path / 'tok'}"], catch_exceptions=False)
+    r = runner.invoke(
+        app,
+        ["stage", "tokenize", "-i", DOCSTRINGS, "-o", str(tmp_path / "ids"), "--set", f"tokenizer={tmp_path / 'tok'}"],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     assert Artifact.open(str(tmp_path / "ids")).num_rows == 83
-    r = runner.invoke(app, ["stage", "tokenize", "-i", DOCSTRINGS, "-o", str(tmp_path / "x"),
-                            "--set", f"tokenizer={tmp_path / 'missing'}"], catch_exceptions=False)
+    r = runner.invoke(
+        app,
+        [
+            "stage",
+            "tokenize",
+            "-i",
+            DOCSTRINGS,
+            "-o",
+            str(tmp_path / "x"),
+            "--set",
+            f"tokenizer={tmp_path / 'missing'}",
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 2 and "tokenize.tokenizer: no such tokenizer directory" in r.output
 
 

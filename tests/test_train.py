@@ -12,12 +12,19 @@ from tasks.stage import run_in_store
 from tasks.train.config import TrainConfig
 from tasks.train.launch import TrainLaunchError
 from tasks.train.stage import TrainStage
+
 from train_fixtures import make_packed, make_tokenizer
 
 pytestmark = pytest.mark.slow
 
-TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +36,17 @@ def inputs(tmp_path_factory):
 
 
 def train_cfg(**over) -> TrainConfig:
-    base = dict(model={"init": TINY}, max_steps=12, micro_batch_size=4, eval_every=6, eval_batches=2,
-                log_every=1, save_every=4, seq_len=64, optim={"lr": 3e-3, "warmup_steps": 2})
+    base = dict(
+        model={"init": TINY},
+        max_steps=12,
+        micro_batch_size=4,
+        eval_every=6,
+        eval_batches=2,
+        log_every=1,
+        save_every=4,
+        seq_len=64,
+        optim={"lr": 3e-3, "warmup_steps": 2},
+    )
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             base[k] = {**base[k], **v}
@@ -44,7 +60,11 @@ def run(tmp_path, inputs, **over):
 
 
 def losses(art, kind="train"):
-    return [(h["step"], h["loss"]) for h in json.load(open(os.path.join(art.path, "metrics.json")))["history"] if h["kind"] == kind]
+    return [
+        (h["step"], h["loss"])
+        for h in json.load(open(os.path.join(art.path, "metrics.json")))["history"]
+        if h["kind"] == kind
+    ]
 
 
 def test_zero2_full_finetune_saves_a_model_that_loads_and_generates(tmp_path, inputs):
@@ -52,8 +72,17 @@ def test_zero2_full_finetune_saves_a_model_that_loads_and_generates(tmp_path, in
 
     art = run(tmp_path, inputs, deepspeed={"zero_stage": 2})
     files = set(os.listdir(art.path))
-    assert {"config.json", "model.safetensors", "tokenizer.json", "deepspeed_config.json", "metrics.json",
-            "loss_curve.png", "report.md", "checkpoints", "tensorboard"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "deepspeed_config.json",
+        "metrics.json",
+        "loss_curve.png",
+        "report.md",
+        "checkpoints",
+        "tensorboard",
+    } <= files
     val = losses(art, "validation")
     assert len(val) == 2 and val[-1][1] < val[0][1]  # validation loss falls
     assert art.stats.extra["steps"] == 12 and art.table_rows("metrics") > 12
@@ -162,8 +191,13 @@ def test_rank_killed_then_rerun_resumes_with_identical_losses(tmp_path, inputs):
     root = str(tmp_path / "killed")
     fp = TrainStage().fingerprint(cfg, [a.fingerprint for a in inputs])
     latest = os.path.join(root, "train", f".staging-{fp}", "checkpoints", "latest")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, cfg.model_dump_json(), root, *(a.path for a in inputs)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, cfg.model_dump_json(), root, *(a.path for a in inputs)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     victim = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and victim is None:
@@ -184,7 +218,7 @@ def test_rank_killed_then_rerun_resumes_with_identical_losses(tmp_path, inputs):
     history = json.load(open(os.path.join(resumed.path, "metrics.json")))["history"]
     steps = [h["step"] for h in history if h["kind"] == "train"]
     assert steps == list(range(1, 31))  # the history before the checkpoint came back with it
-    after = {s: l for s, l in losses(resumed) if s > 10}
+    after = {s: loss for s, loss in losses(resumed) if s > 10}
     for step, loss in after.items():
         assert loss == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
 

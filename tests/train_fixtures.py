@@ -32,8 +32,11 @@ def make_tokenizer(directory: str, vocab_size: int = 384, bos: bool = False) -> 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(sample_texts(), trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 1)])
@@ -56,8 +59,8 @@ def make_packed(directory: str, tokenizer_dir: str, seq_len: int = 64, fp: str =
         ids += doc
         pos += list(range(len(doc)))
     for start in range(0, len(ids) - seq_len + 1, seq_len):
-        chunk = ids[start:start + seq_len]
-        p = pos[start:start + seq_len]
+        chunk = ids[start : start + seq_len]
+        p = pos[start : start + seq_len]
         p = [x - p[0] if i < (p.index(0) if 0 in p else len(p)) else x for i, x in enumerate(p)]  # restart at 0
         rows["input_ids"].append(chunk)
         rows["labels"].append(list(chunk))
@@ -65,7 +68,9 @@ def make_packed(directory: str, tokenizer_dir: str, seq_len: int = 64, fp: str =
     n_val = max(2, len(rows["input_ids"]) // 10)
     train = {k: v[n_val:] for k, v in rows.items()}
     val = {k: v[:n_val] for k, v in rows.items()}
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(train), "validation": datasets.Dataset.from_dict(val)})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(train), "validation": datasets.Dataset.from_dict(val)}
+    )
     os.makedirs(directory, exist_ok=True)
     dd.save_to_disk(os.path.join(directory, "hf"))
     return _as_artifact(directory, "pack", fp)

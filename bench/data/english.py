@@ -29,11 +29,34 @@ def _roots() -> list[str]:
 
 
 # Docstring-rich packages not installed in the project's venv (pinned, so the corpus is reproducible).
-EXTRA_WHEELS = ["django==5.2.8", "scikit-learn==1.7.2", "statsmodels==0.14.5", "astropy==7.1.1", "sphinx==8.2.3",
-                "twisted==25.5.0", "sqlglot==27.29.0", "mypy==1.18.2", "biopython==1.88", "nltk==3.10.4",
-                "xarray==2026.9.0", "jax==0.10.2", "numba==0.68.1", "scikit-image==0.26.0", "pyomo==6.10.1",
-                "ipython==9.18.1", "hypothesis==6.170.17", "pylint==4.1.4", "pymc==5.28.5", "cvxpy==1.9.3",
-                "docutils==0.23", "mne==1.13.2", "bokeh==3.9.2", "pennylane==0.45.1", "sunpy==7.0.5", "qiskit==2.6.2"]
+EXTRA_WHEELS = [
+    "django==5.2.8",
+    "scikit-learn==1.7.2",
+    "statsmodels==0.14.5",
+    "astropy==7.1.1",
+    "sphinx==8.2.3",
+    "twisted==25.5.0",
+    "sqlglot==27.29.0",
+    "mypy==1.18.2",
+    "biopython==1.88",
+    "nltk==3.10.4",
+    "xarray==2026.9.0",
+    "jax==0.10.2",
+    "numba==0.68.1",
+    "scikit-image==0.26.0",
+    "pyomo==6.10.1",
+    "ipython==9.18.1",
+    "hypothesis==6.170.17",
+    "pylint==4.1.4",
+    "pymc==5.28.5",
+    "cvxpy==1.9.3",
+    "docutils==0.23",
+    "mne==1.13.2",
+    "bokeh==3.9.2",
+    "pennylane==0.45.1",
+    "sunpy==7.0.5",
+    "qiskit==2.6.2",
+]
 
 
 def _take(source: str, seen: set[str], out: list[str], limit: int, min_words: int) -> bool:
@@ -71,8 +94,23 @@ def _wheel(cache: str, spec: str) -> str:
 
     path = find()
     if path is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "--python-version", "3.11", "-d", wheels, spec], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "-d",
+                wheels,
+                spec,
+            ],
+            check=True,
+        )
         path = find()
         if path is None:
             raise SystemExit(f"pip download {spec} produced no wheel in {wheels}")
@@ -97,7 +135,9 @@ def docstrings(limit: int, min_words: int = 40, seen: set[str] | None = None) ->
     out: list[str] = []
     for root in _roots():
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "site-packages") or root.endswith("site-packages"))
+            dirnames[:] = sorted(
+                d for d in dirnames if d not in ("__pycache__", "site-packages") or root.endswith("site-packages")
+            )
             for name in sorted(filenames):
                 if not name.endswith(".py"):
                     continue

@@ -20,9 +20,27 @@ import zipfile
 DJANGO = "django<6"
 # Locale directory -> ISO 639-1 label as lid.176 names it.
 LANGUAGES = {
-    "de": "de", "fr": "fr", "es": "es", "it": "it", "pt": "pt", "nl": "nl", "ru": "ru", "pl": "pl",
-    "ja": "ja", "zh_Hans": "zh", "ar": "ar", "tr": "tr", "sv": "sv", "ko": "ko", "el": "el", "uk": "uk",
-    "cs": "cs", "fi": "fi", "hu": "hu", "vi": "vi", "he": "he",
+    "de": "de",
+    "fr": "fr",
+    "es": "es",
+    "it": "it",
+    "pt": "pt",
+    "nl": "nl",
+    "ru": "ru",
+    "pl": "pl",
+    "ja": "ja",
+    "zh_Hans": "zh",
+    "ar": "ar",
+    "tr": "tr",
+    "sv": "sv",
+    "ko": "ko",
+    "el": "el",
+    "uk": "uk",
+    "cs": "cs",
+    "fi": "fi",
+    "hu": "hu",
+    "vi": "vi",
+    "he": "he",
 }
 _PLACEHOLDER = re.compile(r"%\(\w+\)[sdfr]|%[sdfr]|\{[^}]*\}|<[^>]+>|&\w+;")
 
@@ -31,8 +49,10 @@ def fetch_wheel(cache: str) -> str:
     os.makedirs(cache, exist_ok=True)
     found = glob.glob(os.path.join(cache, "[Dd]jango-*.whl"))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", DJANGO,
-                        "-d", cache, "-q"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", DJANGO, "-d", cache, "-q"],
+            check=True,
+        )
         found = glob.glob(os.path.join(cache, "[Dd]jango-*.whl"))
     return sorted(found)[-1]
 
@@ -81,5 +101,5 @@ def documents(cache: str, per_doc: int = 5, groupings: int = 3, seed: int = 0) -
             msgs = list(unique)
             rng.shuffle(msgs)
             for i in range(0, len(msgs) - per_doc + 1, per_doc):
-                docs.append((label, sep.join(m.rstrip(".。") + end for m in msgs[i:i + per_doc])))
+                docs.append((label, sep.join(m.rstrip(".。") + end for m in msgs[i : i + per_doc])))
     return docs

@@ -39,7 +39,11 @@ class StageStats:
         for k, v in other.rejected.items():
             self.reject(k, v)
         for k, v in other.extra.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(self.extra.get(k, 0), (int, float)):
+            if (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and isinstance(self.extra.get(k, 0), (int, float))
+            ):
                 self.extra[k] = self.extra.get(k, 0) + v
             else:
                 self.extra.setdefault(k, v)

@@ -25,7 +25,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -133,7 +133,9 @@ def recover_trash(final: str) -> bool:
 class Staging:
     """The staging directory where one artifact is assembled, unit by unit, before its commit."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, staging_dir: str, final_dir: str, shard_rows: int, shard_bytes: int):
+    def __init__(
+        self, fs: fsspec.AbstractFileSystem, staging_dir: str, final_dir: str, shard_rows: int, shard_bytes: int
+    ):
         self.fs = fs
         self.dir = staging_dir
         self.final_dir = final_dir
@@ -154,20 +156,24 @@ class Staging:
         with self.fs.open(marker, "r") as f:
             return json.load(f)
 
-    def begin_unit(self, unit: int, on_rows: Any = None, on_progress: Any = None,
-                   lock_fd: int | None = None) -> ArtifactWriter:
+    def begin_unit(
+        self, unit: int, on_rows: Any = None, on_progress: Any = None, lock_fd: int | None = None
+    ) -> ArtifactWriter:
         """Clear the shards a killed attempt at this unit left behind (not its scratch), return its writer."""
         if self.fs.exists(self.dir):
             pattern = f"part-{unit:05d}-*.parquet"
-            for path in self.fs.glob(join(self.fs, self.dir, pattern)) + self.fs.glob(join(self.fs, self.dir, "*", pattern)):
+            for path in self.fs.glob(join(self.fs, self.dir, pattern)) + self.fs.glob(
+                join(self.fs, self.dir, "*", pattern)
+            ):
                 self.fs.rm(path)
         self.fs.makedirs(self.dir, exist_ok=True)
         scratch = None
         if is_local(self.fs):
             scratch = join(self.fs, self.dir, SCRATCH_DIR, f"{unit:05d}")
             os.makedirs(scratch, exist_ok=True)
-        return ArtifactWriter(self.fs, self.dir, unit, self.shard_rows, self.shard_bytes, on_rows, scratch,
-                              on_progress, lock_fd)
+        return ArtifactWriter(
+            self.fs, self.dir, unit, self.shard_rows, self.shard_bytes, on_rows, scratch, on_progress, lock_fd
+        )
 
     def finish_unit(self, unit: int, writer: ArtifactWriter, key: str | None = None) -> dict[str, Any]:
         writer.close()
@@ -216,12 +222,23 @@ class Staging:
                             "wait for it to finish or stop it, then rerun"
                         ) from None
                     if not told:
-                        log.warning("unit %d of %s is locked by %s; waiting up to %.0f s", unit, self.final_dir, owner, wait)
+                        log.warning(
+                            "unit %d of %s is locked by %s; waiting up to %.0f s", unit, self.final_dir, owner, wait
+                        )
                         told = True
                     time.sleep(0.5)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                      "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode(), 0)
+            os.pwrite(
+                fd,
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "host": socket.gethostname(),
+                        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+                    }
+                ).encode(),
+                0,
+            )
             yield fd
         finally:
             os.close(fd)
@@ -241,8 +258,10 @@ class Staging:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise UnitBusy(f"{self.final_dir} is being written by another live run ({_lock_owner(fd)}); "
-                                   "wait for it or stop it first") from None
+                    raise UnitBusy(
+                        f"{self.final_dir} is being written by another live run ({_lock_owner(fd)}); "
+                        "wait for it or stop it first"
+                    ) from None
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
@@ -305,21 +324,31 @@ class Staging:
                     self.fs.makedirs(dst_base, exist_ok=True)
                 shards = []
                 for shard in table["shards"]:
-                    renamed = new_prefix + shard[len(old_prefix):] if shard.startswith(old_prefix) else shard
+                    renamed = new_prefix + shard[len(old_prefix) :] if shard.startswith(old_prefix) else shard
                     self.fs.copy(join(self.fs, src_base, shard), join(self.fs, dst_base, renamed))
                     shards.append(renamed)
                 tables[name] = {**table, "shards": shards}
         except FileNotFoundError:  # the source artifact went away meanwhile (gc, a refresh): recompute
             self.begin_unit(unit).close()
             return None
-        result = {"unit": unit, "stats": record["stats"], "tables": tables, "key": key,
-                  "reused_from": basename(src_dir)}
+        result = {
+            "unit": unit,
+            "stats": record["stats"],
+            "tables": tables,
+            "key": key,
+            "reused_from": basename(src_dir),
+        }
         return self._write_marker(unit, result)
 
     # -- commit --------------------------------------------------------------------------------
 
-    def commit(self, manifest: dict[str, Any], n_units: int, finalize: Callable[[str, Any], Any] | None = None,
-               unique_ids: bool = False) -> Artifact:
+    def commit(
+        self,
+        manifest: dict[str, Any],
+        n_units: int,
+        finalize: Callable[[str, Any], Any] | None = None,
+        unique_ids: bool = False,
+    ) -> Artifact:
         """Assemble the manifest from the unit markers and move the artifact into place.
 
         `unique_ids`: rows whose `id` repeats one kept earlier (in unit order) are moved to the rejects
@@ -365,7 +394,7 @@ class Staging:
             tables=tables,
             units=n_units,
             stats=stats.to_dict(),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         self.fs.makedirs(self.dir, exist_ok=True)
         if finalize is not None:  # before the unit markers go, so a failed finalize can simply be retried
@@ -466,9 +495,18 @@ class DuplicateIds:
                 continue
             for si, name in enumerate(data["shards"]):
                 ids = self._ids(name)
-                h = np.fromiter((int.from_bytes(hashlib.blake2b(str(x).encode("utf-8", "surrogatepass"),
-                                                                 digest_size=8).digest(), "little", signed=True)
-                                 for x in ids), dtype=np.int64, count=len(ids))
+                h = np.fromiter(
+                    (
+                        int.from_bytes(
+                            hashlib.blake2b(str(x).encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                            "little",
+                            signed=True,
+                        )
+                        for x in ids
+                    ),
+                    dtype=np.int64,
+                    count=len(ids),
+                )
                 hashes.append(h)
                 where.append((ui, si, len(ids)))
         if not hashes:
@@ -500,14 +538,16 @@ class DuplicateIds:
         for ui in sorted({ui for ui, _ in drops}):
             mine = {si: rows for (u, si), rows in drops.items() if u == ui}
             # a unit that only repeated its own ids is still a function of its input alone: reusable
-            ids_dropped = {self._ids(units[ui]["tables"][DATA_TABLE]["shards"][si])[r] for si, rows in mine.items()
-                           for r in rows}
+            ids_dropped = {
+                self._ids(units[ui]["tables"][DATA_TABLE]["shards"][si])[r] for si, rows in mine.items() for r in rows
+            }
             own = all(first_kept[i] == units[ui]["unit"] for i in ids_dropped)
             units[ui] = self._rewrite(units[ui], mine, first_kept, keep_key=own)
         return units
 
-    def _rewrite(self, record: dict[str, Any], drops: dict[int, list[int]], kept_by: dict[Any, int],
-                 keep_key: bool = False) -> dict[str, Any]:
+    def _rewrite(
+        self, record: dict[str, Any], drops: dict[int, list[int]], kept_by: dict[Any, int], keep_key: bool = False
+    ) -> dict[str, Any]:
         import numpy as np
 
         unit = record["unit"]
@@ -537,8 +577,10 @@ class DuplicateIds:
         gone = pa.concat_tables(dropped_tables)
         n = gone.num_rows
         ids = gone.column("id").to_pylist()
-        cols = {c: (gone.column(c).to_pylist() if c in gone.schema.names else [None] * n)
-                for c in ("id", "text", "source", "url", "lang", "meta")}
+        cols = {
+            c: (gone.column(c).to_pylist() if c in gone.schema.names else [None] * n)
+            for c in ("id", "text", "source", "url", "lang", "meta")
+        }
         cols["text"] = [t[:MAX_REJECT_TEXT_CHARS] if isinstance(t, str) else t for t in cols["text"]]
         cols["reason"] = ["duplicate_id"] * n
         cols["detail"] = [f"id {i!r} repeats a row kept in unit {kept_by.get(i)}" for i in ids]
@@ -548,16 +590,27 @@ class DuplicateIds:
         self.fs.makedirs(rej_dir, exist_ok=True)
         with self.fs.open(join(self.fs, rej_dir, rej_name), "wb") as f:
             pq.write_table(rejects, f, compression="zstd")
-        rej = dict(record["tables"].get(REJECTS_DIR) or {"shards": [], "shard_rows": [], "rows": 0, "bytes": 0, "schema": None})
+        rej = dict(
+            record["tables"].get(REJECTS_DIR) or {"shards": [], "shard_rows": [], "rows": 0, "bytes": 0, "schema": None}
+        )
         tables = dict(record["tables"])
-        tables[DATA_TABLE] = {**data, "shards": [shards[i] for i in keep_idx], "shard_rows": [shard_rows[i] for i in keep_idx],
-                              "rows": data["rows"] - n, "bytes": max(new_bytes, 0)}
+        tables[DATA_TABLE] = {
+            **data,
+            "shards": [shards[i] for i in keep_idx],
+            "shard_rows": [shard_rows[i] for i in keep_idx],
+            "rows": data["rows"] - n,
+            "bytes": max(new_bytes, 0),
+        }
         if None in tables[DATA_TABLE]["shard_rows"]:
             del tables[DATA_TABLE]["shard_rows"]
-        tables[REJECTS_DIR] = {**rej, "shards": rej["shards"] + [rej_name],
-                               "shard_rows": (rej.get("shard_rows") or [None] * len(rej["shards"])) + [n],
-                               "rows": rej["rows"] + n, "bytes": rej["bytes"] + rejects.nbytes,
-                               "schema": rej.get("schema") or REJECT_SCHEMA.names}
+        tables[REJECTS_DIR] = {
+            **rej,
+            "shards": rej["shards"] + [rej_name],
+            "shard_rows": (rej.get("shard_rows") or [None] * len(rej["shards"])) + [n],
+            "rows": rej["rows"] + n,
+            "bytes": rej["bytes"] + rejects.nbytes,
+            "schema": rej.get("schema") or REJECT_SCHEMA.names,
+        }
         if None in tables[REJECTS_DIR]["shard_rows"]:
             del tables[REJECTS_DIR]["shard_rows"]
         stats = StageStats.from_dict(record["stats"])
@@ -626,7 +679,11 @@ class ArtifactStore:
                 continue
             for entry in sorted(self.fs.ls(stage_dir, detail=False)):
                 name = basename(entry)
-                if not name.startswith(".") and ".trash-" not in name and self.fs.exists(join(self.fs, entry, MANIFEST)):
+                if (
+                    not name.startswith(".")
+                    and ".trash-" not in name
+                    and self.fs.exists(join(self.fs, entry, MANIFEST))
+                ):
                     yield stage, name, unstrip(self.fs, entry)
 
     def leftovers(self) -> Iterator[str]:

@@ -128,8 +128,13 @@ class ShardWriter:
         self._close_shard()
 
     def summary(self) -> dict[str, Any]:
-        return {"shards": list(self.shards), "shard_rows": list(self.shard_rows), "rows": self.rows,
-                "bytes": self.bytes, "schema": self.schema.names if self.schema else None}
+        return {
+            "shards": list(self.shards),
+            "shard_rows": list(self.shard_rows),
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "schema": self.schema.names if self.schema else None,
+        }
 
 
 class ArtifactWriter:
@@ -181,7 +186,9 @@ class ArtifactWriter:
             if name != DATA_TABLE and not name.replace("_", "").replace("-", "").isalnum():
                 raise ArtifactError(f"bad table name {name!r}")
             directory = self.directory if name == DATA_TABLE else join(self.fs, self.directory, name)
-            self.tables[name] = ShardWriter(self.fs, directory, f"part-{self.unit:05d}", self.shard_rows, self.shard_bytes)
+            self.tables[name] = ShardWriter(
+                self.fs, directory, f"part-{self.unit:05d}", self.shard_rows, self.shard_bytes
+            )
         return self.tables[name]
 
     def write(self, data: pa.RecordBatch | pa.Table | None, count: bool = True) -> None:

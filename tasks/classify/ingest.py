@@ -25,12 +25,14 @@ class ClassifyIngestConfig(IngestConfig):
 
     label_field: str = Field("label", description="Record field holding the label: a name, or an index into `labels`.")
     labels: list[str] | None = Field(
-        None, min_length=2,
+        None,
+        min_length=2,
         description="The label names, in the order of their ids. Given: other labels are rejected, and integer "
         "labels index this list (SST-2's 0/1 -> [negative, positive]). Not given: every label seen is a class.",
     )
     split_field: str | None = Field(
-        None, description="Record field naming the split (train / validation, dev, test): such rows go to that split "
+        None,
+        description="Record field naming the split (train / validation, dev, test): such rows go to that split "
         "whatever classify_tokenize's validation_fraction says.",
     )
 
@@ -82,11 +84,18 @@ class LabelledRecordEmitter(RecordEmitter):
         if cfg.split_field and rec.get(cfg.split_field) is not None:
             split = str(rec[cfg.split_field]).strip().lower()
             if split not in VALIDATION_SPLITS | TRAIN_SPLITS:
-                return self.reject("bad_split", f"{cfg.split_field}={split!r}: want train or validation/dev/test",
-                                   text, where, id=self.document_id(rec, where))
+                return self.reject(
+                    "bad_split",
+                    f"{cfg.split_field}={split!r}: want train or validation/dev/test",
+                    text,
+                    where,
+                    id=self.document_id(rec, where),
+                )
             meta["split"] = "validation" if split in VALIDATION_SPLITS else "train"
         meta["_ingest"] = where
-        self.keep(id=self.document_id(rec, where), text=text, source=self.label, url=None, lang=None, meta=meta_json(meta))
+        self.keep(
+            id=self.document_id(rec, where), text=text, source=self.label, url=None, lang=None, meta=meta_json(meta)
+        )
 
 
 class ClassifyIngestStage(IngestStage):
@@ -116,4 +125,3 @@ def sorted_labels(names: set[str]) -> list[str]:
     if names and all(n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
-

@@ -28,12 +28,14 @@ from tasks.pack.mixture import in_validation
 from tasks.stage import Stage, StageConfig, StageInputError
 from tasks.tokenize.hf import copy_tokenizer_files, load_tokenizer, local_directory, tokenizer_identity, tokenizer_info
 
-LABELLED_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("n_tokens", pa.int32(), nullable=False),
-    pa.field("label", pa.int32(), nullable=False),
-])
+LABELLED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+    ]
+)
 HF_SCHEMA = pa.schema([LABELLED_SCHEMA.field("input_ids"), LABELLED_SCHEMA.field("label")])
 
 
@@ -43,14 +45,18 @@ class ClassifyTokenizeConfig(StageConfig):
     execution_fields = StageConfig.execution_fields | {"batch_rows"}
 
     tokenizer: str | None = Field(
-        None, description="A local tokenizer directory, used when no tokenizer artifact is an input.")
+        None, description="A local tokenizer directory, used when no tokenizer artifact is an input."
+    )
     max_length: int = Field(256, ge=2, le=1 << 16, description="Truncate longer texts to this many tokens.")
     labels: list[str] | None = Field(
-        None, min_length=2, description="Label names in the order of their ids; default: the input's labels, sorted "
+        None,
+        min_length=2,
+        description="Label names in the order of their ids; default: the input's labels, sorted "
         "(numerically when they are integers). Documents with another label are rejected.",
     )
-    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of documents held out for validation "
-                                       "(those whose meta names no split).")
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of documents held out for validation (those whose meta names no split)."
+    )
     split_seed: int = Field(0, description="Seed of the document-level train/validation split.")
     batch_rows: int = Field(512, ge=1, description="Documents per tokenizer call.")
 
@@ -76,11 +82,15 @@ class ClassifyTokenizeStage(Stage):
         if len(docs) != 1:
             raise StageInputError("inputs", f"classify_tokenize reads one labelled documents artifact, got {len(docs)}")
         if tok is not None and cfg.tokenizer:
-            raise StageInputError("tokenizer", "a tokenizer artifact is an input already; set `tokenizer` only without one")
+            raise StageInputError(
+                "tokenizer", "a tokenizer artifact is an input already; set `tokenizer` only without one"
+            )
         if tok is not None:
             return docs[0], local_directory(tok.path), "inputs[1]"
         if not cfg.tokenizer:
-            raise StageInputError("tokenizer", "no tokenizer: give a tokenizer artifact as the last input, or a directory")
+            raise StageInputError(
+                "tokenizer", "no tokenizer: give a tokenizer artifact as the last input, or a directory"
+            )
         return docs[0], cfg.tokenizer, "tokenizer"
 
     @staticmethod
@@ -98,7 +108,9 @@ class ClassifyTokenizeStage(Stage):
         load_tokenizer(path, field)
         return [{"input": 0, "shard": j} for j in range(len(docs.shards()))]
 
-    def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: ClassifyTokenizeConfig, out: ArtifactWriter) -> None:
+    def process(
+        self, unit: dict[str, Any], inputs: list[Artifact], cfg: ClassifyTokenizeConfig, out: ArtifactWriter
+    ) -> None:
         docs, path, field = self._split(inputs, cfg)
         tok = load_tokenizer(path, field)
         ids_of = {n: i for i, n in enumerate(self.label_names(docs, cfg))}
@@ -110,12 +122,15 @@ class ClassifyTokenizeStage(Stage):
                 if label is None:
                     out.reject("missing_label", "the document's meta has no label", id=doc_id, text=text, meta=raw)
                 elif str(label) not in ids_of:
-                    out.reject("unknown_label", f"{label!r} is not one of {list(ids_of)}", id=doc_id, text=text, meta=raw)
+                    out.reject(
+                        "unknown_label", f"{label!r} is not one of {list(ids_of)}", id=doc_id, text=text, meta=raw
+                    )
                 elif not isinstance(text, str) or not text.strip():
                     out.reject("empty_text", "no text to classify", id=doc_id, meta=raw)
                 else:
-                    split = meta.get("split") or ("validation" if in_validation(doc_id, cfg.validation_fraction,
-                                                                                  cfg.split_seed) else "train")
+                    split = meta.get("split") or (
+                        "validation" if in_validation(doc_id, cfg.validation_fraction, cfg.split_seed) else "train"
+                    )
                     keep.append((doc_id, text, ids_of[str(label)], split == "validation"))
             if not keep:
                 continue
@@ -129,12 +144,15 @@ class ClassifyTokenizeStage(Stage):
             for split, items in rows.items():
                 if not items:
                     continue
-                table = pa.record_batch([
-                    pa.array([r[0] for r in items], pa.string()),
-                    pa.array([r[1] for r in items], pa.list_(pa.int32())),
-                    pa.array([len(r[1]) for r in items], pa.int32()),
-                    pa.array([r[2] for r in items], pa.int32()),
-                ], schema=LABELLED_SCHEMA)
+                table = pa.record_batch(
+                    [
+                        pa.array([r[0] for r in items], pa.string()),
+                        pa.array([r[1] for r in items], pa.list_(pa.int32())),
+                        pa.array([len(r[1]) for r in items], pa.int32()),
+                        pa.array([r[2] for r in items], pa.int32()),
+                    ],
+                    schema=LABELLED_SCHEMA,
+                )
                 if split == "train":
                     out.write(table)
                 else:
@@ -147,8 +165,10 @@ class ClassifyTokenizeStage(Stage):
         docs, path, field = self._split(inputs, cfg)
         names = self.label_names(docs, cfg)
         base = directory.rstrip("/")
-        shards = {"train": sorted(fs.glob(f"{base}/part-*.parquet")),
-                  "validation": sorted(fs.glob(f"{base}/validation/part-*.parquet"))}
+        shards = {
+            "train": sorted(fs.glob(f"{base}/part-*.parquet")),
+            "validation": sorted(fs.glob(f"{base}/validation/part-*.parquet")),
+        }
         counts: dict[str, dict[str, int]] = {}
         for split, paths in shards.items():
             tally = np.zeros(len(names), dtype=np.int64)
@@ -160,8 +180,13 @@ class ClassifyTokenizeStage(Stage):
         splits = save_dataset_dict(fs, shards, HF_SCHEMA, f"{base}/hf")
         copy_tokenizer_files(path, fs, f"{base}/tokenizer")
         tok = load_tokenizer(path, field)
-        return {"labels": names, "label_counts": counts, "hf_dataset": {"path": "hf", "splits": splits},
-                "tokenizer": {**tokenizer_info(tok), "copied_to": "tokenizer"}, "max_length": cfg.max_length}
+        return {
+            "labels": names,
+            "label_counts": counts,
+            "hf_dataset": {"path": "hf", "splits": splits},
+            "tokenizer": {**tokenizer_info(tok), "copied_to": "tokenizer"},
+            "max_length": cfg.max_length,
+        }
 
 
 __all__ = ["LABELLED_SCHEMA", "ClassifyTokenizeConfig", "ClassifyTokenizeStage"]

@@ -38,8 +38,11 @@ from tasks.stage import Stage, StageConfig
 
 class CodeDetection(BaseModel):
     model_config = {"extra": "forbid"}
-    meta_keys: list[str] = Field(["language"], description="A document whose meta has one of these keys is code "
-                                 "(the crawl stage puts 'language' there for source files).")
+    meta_keys: list[str] = Field(
+        ["language"],
+        description="A document whose meta has one of these keys is code "
+        "(the crawl stage puts 'language' there for source files).",
+    )
     sources: list[str] = Field([], description="Substrings of `source` that mark code documents.")
 
 
@@ -73,12 +76,16 @@ class DocumentCleaner:
         self.cfg = cfg
         self.normaliser = Normaliser(cfg.normalise) if cfg.normalise.enabled else None
         self.length = LengthFilter(cfg.length) if cfg.length.enabled else None
-        self.prose = [f for f, on in (
-            (GopherRepetitionFilter(cfg.repetition), cfg.repetition.enabled),
-            (GopherQualityFilter(cfg.gopher_quality), cfg.gopher_quality.enabled),
-            (C4Filter(cfg.c4), cfg.c4.enabled),
-            (FineWebFilter(cfg.fineweb), cfg.fineweb.enabled),
-        ) if on]
+        self.prose = [
+            f
+            for f, on in (
+                (GopherRepetitionFilter(cfg.repetition), cfg.repetition.enabled),
+                (GopherQualityFilter(cfg.gopher_quality), cfg.gopher_quality.enabled),
+                (C4Filter(cfg.c4), cfg.c4.enabled),
+                (FineWebFilter(cfg.fineweb), cfg.fineweb.enabled),
+            )
+            if on
+        ]
         self.code = CodeFilter(cfg.code) if cfg.code.enabled else None
         self.dedup = InDocDedup(cfg.in_doc_dedup) if cfg.in_doc_dedup.enabled else None
 

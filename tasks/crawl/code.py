@@ -26,19 +26,71 @@ from tasks.stage import StageInputError
 
 GIT_TIMEOUT = 600
 LANGUAGES = {
-    ".py": "Python", ".pyi": "Python", ".pyx": "Cython", ".js": "JavaScript", ".mjs": "JavaScript",
-    ".cjs": "JavaScript", ".jsx": "JavaScript", ".ts": "TypeScript", ".tsx": "TypeScript", ".go": "Go",
-    ".rs": "Rust", ".java": "Java", ".kt": "Kotlin", ".scala": "Scala", ".c": "C", ".h": "C", ".cc": "C++",
-    ".cpp": "C++", ".cxx": "C++", ".hpp": "C++", ".hh": "C++", ".cu": "CUDA", ".cs": "C#", ".rb": "Ruby",
-    ".php": "PHP", ".swift": "Swift", ".m": "Objective-C", ".sh": "Shell", ".bash": "Shell", ".zsh": "Shell",
-    ".pl": "Perl", ".lua": "Lua", ".r": "R", ".jl": "Julia", ".hs": "Haskell", ".ml": "OCaml", ".sql": "SQL",
-    ".md": "Markdown", ".rst": "reStructuredText", ".txt": "Text", ".yaml": "YAML", ".yml": "YAML",
-    ".toml": "TOML", ".json": "JSON", ".html": "HTML", ".htm": "HTML", ".css": "CSS", ".scss": "SCSS",
-    ".xml": "XML", ".cfg": "INI", ".ini": "INI", ".proto": "Protocol Buffers", ".tex": "TeX",
+    ".py": "Python",
+    ".pyi": "Python",
+    ".pyx": "Cython",
+    ".js": "JavaScript",
+    ".mjs": "JavaScript",
+    ".cjs": "JavaScript",
+    ".jsx": "JavaScript",
+    ".ts": "TypeScript",
+    ".tsx": "TypeScript",
+    ".go": "Go",
+    ".rs": "Rust",
+    ".java": "Java",
+    ".kt": "Kotlin",
+    ".scala": "Scala",
+    ".c": "C",
+    ".h": "C",
+    ".cc": "C++",
+    ".cpp": "C++",
+    ".cxx": "C++",
+    ".hpp": "C++",
+    ".hh": "C++",
+    ".cu": "CUDA",
+    ".cs": "C#",
+    ".rb": "Ruby",
+    ".php": "PHP",
+    ".swift": "Swift",
+    ".m": "Objective-C",
+    ".sh": "Shell",
+    ".bash": "Shell",
+    ".zsh": "Shell",
+    ".pl": "Perl",
+    ".lua": "Lua",
+    ".r": "R",
+    ".jl": "Julia",
+    ".hs": "Haskell",
+    ".ml": "OCaml",
+    ".sql": "SQL",
+    ".md": "Markdown",
+    ".rst": "reStructuredText",
+    ".txt": "Text",
+    ".yaml": "YAML",
+    ".yml": "YAML",
+    ".toml": "TOML",
+    ".json": "JSON",
+    ".html": "HTML",
+    ".htm": "HTML",
+    ".css": "CSS",
+    ".scss": "SCSS",
+    ".xml": "XML",
+    ".cfg": "INI",
+    ".ini": "INI",
+    ".proto": "Protocol Buffers",
+    ".tex": "TeX",
 }
 FILENAMES = {"makefile": "Makefile", "dockerfile": "Dockerfile", "cmakelists.txt": "CMake"}
-SHEBANGS = {"python": "Python", "python3": "Python", "bash": "Shell", "sh": "Shell", "zsh": "Shell",
-            "node": "JavaScript", "perl": "Perl", "ruby": "Ruby"}
+SHEBANGS = {
+    "python": "Python",
+    "python3": "Python",
+    "bash": "Shell",
+    "sh": "Shell",
+    "zsh": "Shell",
+    "node": "JavaScript",
+    "perl": "Perl",
+    "ruby": "Ruby",
+}
 GENERATED_NAMES = re.compile(
     r"(_pb2(_grpc)?\.py|\.pb\.go|\.min\.(js|css)|\.lock|package-lock\.json|_generated\.\w+|\.designer\.cs)$", re.I
 )
@@ -89,9 +141,9 @@ def glob_regex(pattern: str) -> re.Pattern:
         elif pattern[i] == "?":
             out.append("[^/]")
             i += 1
-        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
             j = pattern.index("]", i + 1)
-            body = pattern[i + 1:j]
+            body = pattern[i + 1 : j]
             out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
             i = j + 1
         else:
@@ -305,7 +357,12 @@ def _check(data: bytes, rel: str, src: CodeSource) -> tuple[str, str] | None:
 
 
 def ingest_code(
-    src: CodeSource, unit: dict[str, Any], label: str, out: ArtifactWriter, report: CrawlReport, batch_rows: int,
+    src: CodeSource,
+    unit: dict[str, Any],
+    label: str,
+    out: ArtifactWriter,
+    report: CrawlReport,
+    batch_rows: int,
 ) -> None:
     stats = out.stats
     tmp = None
@@ -334,8 +391,13 @@ def ingest_code(
             stats.rows_in += 1
             report.row(label, reason)
             meta = {"repo": repo, "path": rel, "commit": commit, "bytes": nbytes}
-            out.reject(reason, detail, id=stable_id(label, rel), source=label,
-                       meta=meta_json({k: v for k, v in meta.items() if v is not None}))
+            out.reject(
+                reason,
+                detail,
+                id=stable_id(label, rel),
+                source=label,
+                meta=meta_json({k: v for k, v in meta.items() if v is not None}),
+            )
 
         for d in vendored:
             reject(d + "/", "vendored", "directory skipped as vendored or generated", None)
@@ -368,12 +430,20 @@ def ingest_code(
                 continue
             spdx = SPDX_LINE.search(data[:4096])
             license_id = src.license or (spdx.group(1).decode("ascii", "ignore").strip() if spdx else default_license)
-            meta = {"repo": repo, "path": rel, "language": language_of(rel, data[:256]), "license": license_id,
-                    "commit": commit, "bytes": len(data), "lines": text.count("\n") + (not text.endswith("\n"))}
+            meta = {
+                "repo": repo,
+                "path": rel,
+                "language": language_of(rel, data[:256]),
+                "license": license_id,
+                "commit": commit,
+                "bytes": len(data),
+                "lines": text.count("\n") + (not text.endswith("\n")),
+            }
             stats.rows_in += 1
             report.row(label, None)
-            out.write(docs.add(id=stable_id(label, rel), text=text, source=label, url=None, lang=None,
-                               meta=meta_json(meta)))
+            out.write(
+                docs.add(id=stable_id(label, rel), text=text, source=label, url=None, lang=None, meta=meta_json(meta))
+            )
         out.write(docs.flush())
         out.count("code_files", len(files))
     finally:

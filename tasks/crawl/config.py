@@ -135,8 +135,23 @@ class WarcSource(_FetchedSource):
 
 
 DEFAULT_VENDORED_DIRS = [
-    "vendor", "vendored", "third_party", "thirdparty", "external", "extern", "node_modules", "bower_components",
-    "site-packages", "dist-packages", "__pycache__", "venv", "env", "build", "dist", "target", "out",
+    "vendor",
+    "vendored",
+    "third_party",
+    "thirdparty",
+    "external",
+    "extern",
+    "node_modules",
+    "bower_components",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "venv",
+    "env",
+    "build",
+    "dist",
+    "target",
+    "out",
 ]
 
 
@@ -157,9 +172,7 @@ class CodeSource(_Source):
     skip_hidden: bool = Field(True, description="Skip hidden files and directories (.git, .venv, .tox, ...).")
     use_gitignore: bool = Field(True, description="In a git tree, list files with git (honours .gitignore).")
     max_file_bytes: int = Field(1 << 20, ge=1, description="Larger files are skipped as oversized.")
-    max_line_chars: int = Field(
-        1000, ge=80, description="A file with a longer line is skipped as generated/minified."
-    )
+    max_line_chars: int = Field(1000, ge=80, description="A file with a longer line is skipped as generated/minified.")
     license: str | None = Field(None, description="SPDX id for every file; default: detected per repo/file.")
 
     @model_validator(mode="after")
@@ -182,7 +195,9 @@ class CrawlConfig(StageConfig):
     sources: list[CrawlSource] = Field(..., min_length=1, description="The sources, each with a `kind`.")
     batch_rows: int = Field(512, ge=1, description="Documents per Arrow batch written.")
     extract_workers: int | None = Field(
-        None, ge=0, le=256,
+        None,
+        ge=0,
+        le=256,
         description="Processes for HTML-to-text extraction (0: a thread of the stage's process). Default: one "
         "per CPU core but one, which the crawl's own event loop keeps busy.",
     )

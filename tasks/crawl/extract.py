@@ -85,8 +85,15 @@ def _clean_title(title: str | None) -> str | None:
 
 def _failed(error: str | None) -> dict[str, Any]:
     """An analysis with nothing found; `error` says why, if something went wrong."""
-    return {"text": "", "title": None, "links": [], "encoding": None, "noindex": False, "nofollow": False,
-            "error": error}
+    return {
+        "text": "",
+        "title": None,
+        "links": [],
+        "encoding": None,
+        "noindex": False,
+        "nofollow": False,
+        "error": error,
+    }
 
 
 def analyse_page(
@@ -116,7 +123,12 @@ def analyse_page(
 
 
 def _analyse_html(
-    text: str, url: str, result: dict[str, Any], follow_links: bool, respect_nofollow: bool, sort_query: bool,
+    text: str,
+    url: str,
+    result: dict[str, Any],
+    follow_links: bool,
+    respect_nofollow: bool,
+    sort_query: bool,
     fallback: bool,
 ) -> None:
     import lxml.html
@@ -158,7 +170,12 @@ def _analyse_html(
         result["title"] = _clean_title(tree.findtext(".//h1"))
     # trafilatura prunes the tree it is given; links and title were read above, before that.
     extracted = trafilatura.extract(
-        tree, url=url, fast=not fallback, include_comments=False, include_tables=True, deduplicate=False,
+        tree,
+        url=url,
+        fast=not fallback,
+        include_comments=False,
+        include_tables=True,
+        deduplicate=False,
     )
     result["text"] = (extracted or "").strip()
 

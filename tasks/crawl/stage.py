@@ -59,7 +59,8 @@ def _check_labels(cfg: CrawlConfig) -> None:
         label = source_label(src)
         if label in seen:
             raise StageInputError(
-                f"sources[{i}].name", f"source name {label!r} is also sources[{seen[label]}]'s; give each a distinct name"
+                f"sources[{i}].name",
+                f"source name {label!r} is also sources[{seen[label]}]'s; give each a distinct name",
             )
         seen[label] = i
 
@@ -112,8 +113,12 @@ class CrawlStage(Stage):
         if isinstance(src, CodeSource) and not src.git_url:
             identity = tree_identity(src.path, src)
         own = {k: v for k, v in unit.items() if k != "source"}
-        return fingerprint("crawl.unit", self.version, {"source": src.fingerprint_config(), "label": source_label(src),
-                                                        "unit": own}, sources=identity)
+        return fingerprint(
+            "crawl.unit",
+            self.version,
+            {"source": src.fingerprint_config(), "label": source_label(src), "unit": own},
+            sources=identity,
+        )
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: CrawlConfig, out: ArtifactWriter) -> None:
         src = cfg.sources[unit["source"]]

@@ -180,8 +180,13 @@ def iter_warc(f: Any, max_bytes: int, check_digests: bool = True) -> Iterator[di
 
 
 def ingest_warc(
-    file: dict[str, Any], src: WarcSource, label: str, extractor: Extractor, out: ArtifactWriter,
-    report: CrawlReport, batch_rows: int,
+    file: dict[str, Any],
+    src: WarcSource,
+    label: str,
+    extractor: Extractor,
+    out: ArtifactWriter,
+    report: CrawlReport,
+    batch_rows: int,
 ) -> None:
     include = [re.compile(p) for p in src.include]
     exclude = [re.compile(p) for p in src.exclude]
@@ -195,16 +200,33 @@ def ingest_warc(
         url = item.get("uri")
         stats.rows_in += 1
         report.row(host_of(url) if url else "", reason)
-        meta = {"warc_file": path, "warc_offset": item["offset"], "warc_record_id": item.get("record_id"),
-                "warc_type": item.get("type"), "status": item.get("status")}
-        out.reject(reason, detail, id=stable_id(label, item.get("record_id") or f"{path}@{item['offset']}"),
-                   source=label, url=url, meta=meta_json({k: v for k, v in meta.items() if v is not None}))
+        meta = {
+            "warc_file": path,
+            "warc_offset": item["offset"],
+            "warc_record_id": item.get("record_id"),
+            "warc_type": item.get("type"),
+            "status": item.get("status"),
+        }
+        out.reject(
+            reason,
+            detail,
+            id=stable_id(label, item.get("record_id") or f"{path}@{item['offset']}"),
+            source=label,
+            url=url,
+            meta=meta_json({k: v for k, v in meta.items() if v is not None}),
+        )
 
     def flush_pending() -> None:
         nonlocal pending, pending_bytes
         calls = [
-            {"body": it["payload"], "url": it["url"], "media_type": it["media_type"], "header_charset": it["charset"],
-             "follow_links": False, "fallback": src.extraction_fallback}
+            {
+                "body": it["payload"],
+                "url": it["url"],
+                "media_type": it["media_type"],
+                "header_charset": it["charset"],
+                "follow_links": False,
+                "fallback": src.extraction_fallback,
+            }
             for it in pending
         ]
         for item, page in zip(pending, extractor.map(calls) if calls else []):
@@ -214,15 +236,30 @@ def ingest_warc(
                 reject(item, "empty_extraction", f"no main text in {len(item['payload'])} bytes")
             else:
                 url = item["url"]
-                meta = {"title": page["title"], "url": url, "status": item["status"], "fetched_at": item["date"],
-                        "content_type": item["media_type"], "encoding": page["encoding"], "warc_file": path,
-                        "warc_offset": item["offset"], "warc_record_id": item["record_id"], "warc_type": item["type"]}
+                meta = {
+                    "title": page["title"],
+                    "url": url,
+                    "status": item["status"],
+                    "fetched_at": item["date"],
+                    "content_type": item["media_type"],
+                    "encoding": page["encoding"],
+                    "warc_file": path,
+                    "warc_offset": item["offset"],
+                    "warc_record_id": item["record_id"],
+                    "warc_type": item["type"],
+                }
                 stats.rows_in += 1
                 report.row(host_of(url) if url else "", None)
-                out.write(docs.add(
-                    id=stable_id(label, item["record_id"] or f"{path}@{item['offset']}"), text=page["text"],
-                    source=label, url=url, lang=None, meta=meta_json({k: v for k, v in meta.items() if v is not None}),
-                ))
+                out.write(
+                    docs.add(
+                        id=stable_id(label, item["record_id"] or f"{path}@{item['offset']}"),
+                        text=page["text"],
+                        source=label,
+                        url=url,
+                        lang=None,
+                        meta=meta_json({k: v for k, v in meta.items() if v is not None}),
+                    )
+                )
         pending, pending_bytes = [], 0
 
     records = other = 0

@@ -22,7 +22,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -65,8 +65,13 @@ class Hop:
     retry_after: float | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"url": self.url, "status": self.status, "bytes": self.bytes, "latency_ms": self.latency_ms,
-                "attempts": self.attempts}
+        return {
+            "url": self.url,
+            "status": self.status,
+            "bytes": self.bytes,
+            "latency_ms": self.latency_ms,
+            "attempts": self.attempts,
+        }
 
     @property
     def retryable(self) -> bool:
@@ -96,13 +101,13 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         pass
     try:
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
     except (TypeError, ValueError):
         return None
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _looks_like_html(body: bytes) -> bool:
@@ -192,12 +197,16 @@ class WebCrawler:
         if host.client is None:
             src = self.src
             host.client = httpx.AsyncClient(
-                headers={"User-Agent": src.user_agent,
-                         "Accept": "text/html,application/xhtml+xml,text/plain;q=0.9,*/*;q=0.1"},
-                timeout=httpx.Timeout(connect=src.connect_timeout, read=src.read_timeout, write=src.read_timeout,
-                                      pool=None),
-                limits=httpx.Limits(max_connections=src.per_host_concurrency,
-                                    max_keepalive_connections=src.per_host_concurrency),
+                headers={
+                    "User-Agent": src.user_agent,
+                    "Accept": "text/html,application/xhtml+xml,text/plain;q=0.9,*/*;q=0.1",
+                },
+                timeout=httpx.Timeout(
+                    connect=src.connect_timeout, read=src.read_timeout, write=src.read_timeout, pool=None
+                ),
+                limits=httpx.Limits(
+                    max_connections=src.per_host_concurrency, max_keepalive_connections=src.per_host_concurrency
+                ),
                 follow_redirects=False,
                 # Proxies from the environment would hide the real destination from the address check.
                 trust_env=False,
@@ -311,8 +320,15 @@ class WebCrawler:
 
     async def _fetch_robots(self, host: HostState) -> dict[str, Any]:
         url = host.origin + "/robots.txt"
-        rec: dict[str, Any] = {"t": "robots", "origin": host.origin, "status": None, "body": None,
-                               "reason": None, "detail": None, "hops": []}
+        rec: dict[str, Any] = {
+            "t": "robots",
+            "origin": host.origin,
+            "status": None,
+            "body": None,
+            "reason": None,
+            "detail": None,
+            "hops": [],
+        }
         for n in itertools.count():
             hop = await self._request(url, robots=True)
             rec["hops"].append(hop.summary())
@@ -337,7 +353,10 @@ class WebCrawler:
         status = rec["status"]
         if rec["reason"] and status is None:
             # RFC 9309: an unreachable robots.txt means the whole site is disallowed.
-            host.problem = ("robots_unavailable", f"{host.origin}/robots.txt: {rec['reason']} {rec['detail'] or ''}".strip())
+            host.problem = (
+                "robots_unavailable",
+                f"{host.origin}/robots.txt: {rec['reason']} {rec['detail'] or ''}".strip(),
+            )
             return
         if status is not None and status >= 500:
             host.problem = ("robots_unavailable", f"{host.origin}/robots.txt answered HTTP {status}")
@@ -356,8 +375,10 @@ class WebCrawler:
             delays.append(rate.seconds / rate.requests)
         host.delay = max(delays)
         if host.delay > self.src.max_crawl_delay:
-            host.problem = ("crawl_delay_too_long", f"robots.txt asks for {host.delay:g} s between requests "
-                                                    f"(max_crawl_delay {self.src.max_crawl_delay:g})")
+            host.problem = (
+                "crawl_delay_too_long",
+                f"robots.txt asks for {host.delay:g} s between requests (max_crawl_delay {self.src.max_crawl_delay:g})",
+            )
 
     # -------------------------------------------------------------------------------------- requests
 
@@ -422,7 +443,9 @@ class WebCrawler:
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(src.page_timeout):
-                async with self._client(self._host(origin_of(url))).stream("GET", url, extensions={"trace": trace}) as resp:
+                async with self._client(self._host(origin_of(url))).stream(
+                    "GET", url, extensions={"trace": trace}
+                ) as resp:
                     hop.status = resp.status_code
                     hop.retry_after = _retry_after(resp.headers.get("retry-after"))
                     raw_type = resp.headers.get("content-type")
@@ -509,8 +532,13 @@ class WebCrawler:
         if hop.reason:
             return {**rec, "reason": hop.reason, "detail": hop.detail}
         page = await self.extractor.analyse(
-            body=hop.body, url=current, media_type=hop.media_type, header_charset=hop.charset,
-            respect_nofollow=src.respect_nofollow, sort_query=src.sort_query, fallback=src.extraction_fallback,
+            body=hop.body,
+            url=current,
+            media_type=hop.media_type,
+            header_charset=hop.charset,
+            respect_nofollow=src.respect_nofollow,
+            sort_query=src.sort_query,
+            fallback=src.extraction_fallback,
         )
         rec.update(encoding=page["encoding"], title=page["title"], links=page["links"])
         if page["error"]:
@@ -565,16 +593,22 @@ def emit_journal(journal: Journal, label: str, out: ArtifactWriter, report: Craw
         url, offset, rec = kept[final]
         text = journal.read_at(offset)["text"]
         meta = {
-            "title": rec.get("title"), "url": final, "status": rec.get("status"), "fetched_at": rec["fetched_at"],
-            "content_type": rec.get("content_type"), "encoding": rec.get("encoding"), "depth": rec["depth"],
+            "title": rec.get("title"),
+            "url": final,
+            "status": rec.get("status"),
+            "fetched_at": rec["fetched_at"],
+            "content_type": rec.get("content_type"),
+            "encoding": rec.get("encoding"),
+            "depth": rec["depth"],
         }
         if url != final:
             meta["requested_url"] = url
             meta["redirects"] = [h["url"] for h in rec["hops"]]
         stats.rows_in += 1
         report.row(host_of(url), None)
-        out.write(docs.add(id=stable_id(label, final), text=text, source=label, url=final, lang=None,
-                           meta=meta_json(meta)))
+        out.write(
+            docs.add(id=stable_id(label, final), text=text, source=label, url=final, lang=None, meta=meta_json(meta))
+        )
     out.write(docs.flush())
 
     rows: list[tuple[str, str, str | None, dict[str, Any]]] = []
@@ -585,8 +619,13 @@ def emit_journal(journal: Journal, label: str, out: ArtifactWriter, report: Craw
         if reason is None:
             kept_url = kept[rec["final_url"]][0]
             reason, detail = "duplicate_url", f"{rec['final_url']} is kept from {kept_url}"
-        meta = {"depth": rec["depth"], "status": rec.get("status"), "fetched_at": rec["fetched_at"],
-                "content_type": rec.get("content_type"), "title": rec.get("title")}
+        meta = {
+            "depth": rec["depth"],
+            "status": rec.get("status"),
+            "fetched_at": rec["fetched_at"],
+            "content_type": rec.get("content_type"),
+            "title": rec.get("title"),
+        }
         if rec.get("final_url") and rec["final_url"] != url:
             meta["final_url"] = rec["final_url"]
         rows.append((url, reason, detail, meta))
@@ -596,12 +635,25 @@ def emit_journal(journal: Journal, label: str, out: ArtifactWriter, report: Craw
     for url, reason, detail, meta in sorted(rows, key=lambda r: r[0]):
         stats.rows_in += 1
         report.row(host_of(url) if scheme_of(url) in CRAWLABLE_SCHEMES else "", reason)
-        out.reject(reason, detail, id=stable_id(label, url), source=label, url=url,
-                   meta=meta_json({k: v for k, v in meta.items() if v is not None}))
+        out.reject(
+            reason,
+            detail,
+            id=stable_id(label, url),
+            source=label,
+            url=url,
+            meta=meta_json({k: v for k, v in meta.items() if v is not None}),
+        )
 
 
-def crawl_web(src: WebSource, label: str, journal_path: str, extractor: Extractor, out: ArtifactWriter,
-              report: CrawlReport, batch_rows: int) -> None:
+def crawl_web(
+    src: WebSource,
+    label: str,
+    journal_path: str,
+    extractor: Extractor,
+    out: ArtifactWriter,
+    report: CrawlReport,
+    batch_rows: int,
+) -> None:
     journal = Journal(journal_path)
     try:
         crawler = WebCrawler(src, label, journal, extractor)
@@ -611,7 +663,9 @@ def crawl_web(src: WebSource, label: str, journal_path: str, extractor: Extracto
         t0 = time.perf_counter()
         run_async(crawler.run())
         out.count("web_crawl_seconds", round(time.perf_counter() - t0, 3))
-        log.info("%s: crawl done, writing %d page(s) from the journal", label, crawler.resumed_pages + crawler.fetched_pages)
+        log.info(
+            "%s: crawl done, writing %d page(s) from the journal", label, crawler.resumed_pages + crawler.fetched_pages
+        )
         out.count("web_pages_resumed", crawler.resumed_pages)
         out.count("web_pages_fetched", crawler.fetched_pages)
         emit_journal(journal, label, out, report, batch_rows)

@@ -172,7 +172,9 @@ def candidate_probability(jaccard: float, bands: int, rows: int) -> float:
     return 1.0 - (1.0 - jaccard**rows) ** bands
 
 
-def choose_bands(num_perm: int, threshold: float, recall_target: float = 0.995, low: float | None = None) -> tuple[int, int]:
+def choose_bands(
+    num_perm: int, threshold: float, recall_target: float = 0.995, low: float | None = None
+) -> tuple[int, int]:
     """Bands x rows for LSH candidates: the fewest candidate pairs that still catch pairs at the
     threshold with `recall_target` probability. Candidates are verified afterwards, so a false
     candidate costs a little time, a missed one costs a duplicate: recall comes first.

@@ -67,8 +67,9 @@ REMOVAL_SCHEMA = pa.schema(
         ("cluster_size", pa.int32()),
     ]
 )
-CLUSTER_SCHEMA = pa.schema([("kept_doc", pa.int64()), ("kept_id", pa.string()), ("size", pa.int32()),
-                            ("members", pa.list_(pa.string()))])
+CLUSTER_SCHEMA = pa.schema(
+    [("kept_doc", pa.int64()), ("kept_id", pa.string()), ("size", pa.int32()), ("members", pa.list_(pa.string()))]
+)
 
 
 def doc_key(input_index: int, shard: int, row: int | np.ndarray) -> Any:
@@ -288,7 +289,9 @@ class DedupClustersStage(Stage):
             raise StageInputError("inputs", "dedup_clusters reads the documents as well as dedup_candidates")
         return [{"all": True}]
 
-    def _load(self, keys: np.ndarray, docs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> dict[int, dict[str, Any]]:
+    def _load(
+        self, keys: np.ndarray, docs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter
+    ) -> dict[int, dict[str, Any]]:
         """Shingle sets, exact hashes, lengths and ids of the candidate documents, one shard at a time."""
         info: dict[int, dict[str, Any]] = {}
         shard_of = keys >> _ROW_BITS
@@ -345,12 +348,23 @@ class DedupClustersStage(Stage):
             else:
                 rejected.append((iy["id"], ix["id"], j))
         if rejected:
-            out.reject_batch(pa.RecordBatch.from_pydict(
-                {"id": [r[0] for r in rejected], "text": [None] * len(rejected), "source": [None] * len(rejected),
-                 "url": [None] * len(rejected), "lang": [None] * len(rejected), "meta": [None] * len(rejected),
-                 "reason": ["below_threshold"] * len(rejected),
-                 "detail": [f"candidate pair with {o} has jaccard {j:.3f} < {cfg.threshold}" for _, o, j in rejected]},
-                schema=REJECT_SCHEMA))
+            out.reject_batch(
+                pa.RecordBatch.from_pydict(
+                    {
+                        "id": [r[0] for r in rejected],
+                        "text": [None] * len(rejected),
+                        "source": [None] * len(rejected),
+                        "url": [None] * len(rejected),
+                        "lang": [None] * len(rejected),
+                        "meta": [None] * len(rejected),
+                        "reason": ["below_threshold"] * len(rejected),
+                        "detail": [
+                            f"candidate pair with {o} has jaccard {j:.3f} < {cfg.threshold}" for _, o, j in rejected
+                        ],
+                    },
+                    schema=REJECT_SCHEMA,
+                )
+            )
 
         clusters: dict[int, list[int]] = {}
         for key in sorted(linked):
@@ -422,8 +436,9 @@ class DedupClustersStage(Stage):
 
 
 def _chain_store(docs: list[Artifact], cfg: DedupConfig) -> str:
-    digest = hashlib.sha256(json.dumps([[a.fingerprint for a in docs], cfg.fingerprint_config()],
-                                       sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        json.dumps([[a.fingerprint for a in docs], cfg.fingerprint_config()], sort_keys=True).encode()
+    ).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "kiln-dedup-chain", digest)
 
 
@@ -459,8 +474,11 @@ class DedupStage(Stage):
         read = [i["fingerprint"] for i in clusters.manifest.get("inputs", []) if i["stage"] != "dedup_candidates"]
         if read != [a.fingerprint for a in docs]:
             raise StageInputError("inputs", "the dedup_clusters artifact was computed from other documents")
-        return [{"input": i, "shard": s, "clusters": clusters.path}
-                for i, a in enumerate(docs) for s in range(len(a.shards()))]
+        return [
+            {"input": i, "shard": s, "clusters": clusters.path}
+            for i, a in enumerate(docs)
+            for s in range(len(a.shards()))
+        ]
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> None:
         docs = _documents(inputs, ("dedup_clusters",))
@@ -482,13 +500,23 @@ class DedupStage(Stage):
             if drop.any():
                 gone = batch.filter(pa.array(drop))
                 info = [removed[r] for r in rows[drop].tolist()]
-                texts = [t if t is None or len(t) <= MAX_REJECT_TEXT_CHARS else t[:MAX_REJECT_TEXT_CHARS]
-                         for t in gone.column("text").to_pylist()]
-                out.reject_batch(pa.RecordBatch.from_pydict(
-                    {**{c: gone.column(c).to_pylist() for c in ("id", "source", "url", "lang", "meta")},
-                     "text": texts,
-                     "reason": [i["reason"] for i in info],
-                     "detail": [f"duplicate of {i['kept_id']} (jaccard {i['jaccard']:.3f}, cluster of {i['cluster_size']})"
-                                for i in info]},
-                    schema=REJECT_SCHEMA))
+                texts = [
+                    t if t is None or len(t) <= MAX_REJECT_TEXT_CHARS else t[:MAX_REJECT_TEXT_CHARS]
+                    for t in gone.column("text").to_pylist()
+                ]
+                out.reject_batch(
+                    pa.RecordBatch.from_pydict(
+                        {
+                            **{c: gone.column(c).to_pylist() for c in ("id", "source", "url", "lang", "meta")},
+                            "text": texts,
+                            "reason": [i["reason"] for i in info],
+                            "detail": [
+                                f"duplicate of {i['kept_id']} (jaccard {i['jaccard']:.3f}, "
+                                f"cluster of {i['cluster_size']})"
+                                for i in info
+                            ],
+                        },
+                        schema=REJECT_SCHEMA,
+                    )
+                )
             row0 += n

@@ -46,8 +46,15 @@ class SftRecordEmitter(RecordEmitter):
             return self.reject(e.reason, e.detail, preview_record(rec), where)
         url = rec.get(cfg.url_field) if isinstance(rec.get(cfg.url_field), str) else None
         lang = rec.get(cfg.lang_field) if isinstance(rec.get(cfg.lang_field), str) else None
-        taken = {cfg.id_field, cfg.url_field, cfg.lang_field, cfg.instruction_field, cfg.input_field,
-                 cfg.output_field, cfg.messages_field}
+        taken = {
+            cfg.id_field,
+            cfg.url_field,
+            cfg.lang_field,
+            cfg.instruction_field,
+            cfg.input_field,
+            cfg.output_field,
+            cfg.messages_field,
+        }
         meta = {k: v for k, v in rec.items() if k not in taken}
         meta["sft"] = example
         meta["_ingest"] = where
@@ -56,8 +63,14 @@ class SftRecordEmitter(RecordEmitter):
             meta_str.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates from JSON escapes cannot be stored as UTF-8
             return self.reject("invalid_utf8", str(e), None, where)
-        self.keep(id=self.document_id(rec, where), text=plain_text(example), source=self.label, url=url, lang=lang,
-                  meta=meta_str)
+        self.keep(
+            id=self.document_id(rec, where),
+            text=plain_text(example),
+            source=self.label,
+            url=url,
+            lang=lang,
+            meta=meta_str,
+        )
 
 
 class SftIngestStage(IngestStage):

@@ -61,7 +61,9 @@ class IngestConfig(StageConfig):
     lang_field: str = Field("lang", description="Record field holding a language code, if any.")
     source: str | None = Field(None, description="Source label for every document; default: the file path.")
     csv_delimiter: str | None = Field(
-        None, min_length=1, max_length=1,
+        None,
+        min_length=1,
+        max_length=1,
         description="CSV field separator; default ',' (and a tab for .tsv files). The first row names the fields.",
     )
     batch_rows: int = Field(2048, ge=1, description="Rows per Arrow batch while reading.")
@@ -186,7 +188,9 @@ class RecordEmitter:
                 self.reject("invalid_utf8", str(e), bytes(text).decode("utf-8", "replace"), where)
                 return None
         if not isinstance(text, str):
-            self.reject("non_string_text", f"{cfg.text_field!r} is a {type(text).__name__}", preview_record(text), where)
+            self.reject(
+                "non_string_text", f"{cfg.text_field!r} is a {type(text).__name__}", preview_record(text), where
+            )
             return None
         try:
             text.encode("utf-8")
@@ -216,7 +220,9 @@ class RecordEmitter:
             lang = None
         meta = {k: v for k, v in rec.items() if k not in taken}
         meta["_ingest"] = where
-        self.keep(id=self.document_id(rec, where), text=text, source=self.label, url=url, lang=lang, meta=meta_json(meta))
+        self.keep(
+            id=self.document_id(rec, where), text=text, source=self.label, url=url, lang=lang, meta=meta_json(meta)
+        )
 
     def flush(self) -> None:
         self.out.write(self.docs.flush())
@@ -304,8 +310,9 @@ def _read_csv(path: str, em: RecordEmitter) -> None:
                     em.out.count("blank_lines")
                     continue
                 if len(row) > len(header):
-                    em.reject("bad_csv_row", f"{len(row)} fields, the header has {len(header)}",
-                              delimiter.join(row), where)
+                    em.reject(
+                        "bad_csv_row", f"{len(row)} fields, the header has {len(header)}", delimiter.join(row), where
+                    )
                     continue
                 em.record(dict(zip(header, row)), where)
         except UnicodeDecodeError as e:

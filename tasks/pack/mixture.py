@@ -59,8 +59,13 @@ def sampling_rates(parts: list[MixturePart], total_tokens: int | None) -> dict[s
         rate = budget / p.available_tokens if p.available_tokens else 0.0
         if abs(rate - round(rate)) < 1e-9:  # the limiting dataset: exactly whole, not 0.9999999 by rounding
             rate = float(round(rate))
-        plan[p.name] = {"weight": p.weight, "target_share": shares[p.name], "available_tokens": p.available_tokens,
-                        "budget_tokens": budget, "rate": rate}
+        plan[p.name] = {
+            "weight": p.weight,
+            "target_share": shares[p.name],
+            "available_tokens": p.available_tokens,
+            "budget_tokens": budget,
+            "rate": rate,
+        }
     return plan
 
 

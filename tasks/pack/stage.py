@@ -61,7 +61,9 @@ class PackConfig(StageConfig):
         None, description="Per input, in input order: weight and cap. None takes every document of every input once."
     )
     total_tokens: int | None = Field(
-        None, ge=1, description="Mixture size in tokens. Without it the mixture repeats no document; with it, "
+        None,
+        ge=1,
+        description="Mixture size in tokens. Without it the mixture repeats no document; with it, "
         "datasets smaller than their share are repeated.",
     )
     mixture_seed: int = Field(0, description="Seed of the mixture sampling.")
@@ -74,7 +76,9 @@ class PackConfig(StageConfig):
         "continuation of the unrelated document before it in the row.",
     )
     unit_mb: int = Field(
-        64, ge=1, description="Pack consecutive input shards of about this many MiB (compressed) together. "
+        64,
+        ge=1,
+        description="Pack consecutive input shards of about this many MiB (compressed) together. "
         "Part of the fingerprint: which documents share a unit decides which can share a row.",
     )
     hf_dataset: bool = Field(True, description="Also write a Hugging Face DatasetDict under hf/ in the artifact.")
@@ -223,7 +227,8 @@ class PackStage(Stage):
             if art.num_rows and not {"id", "input_ids"} <= schema:
                 raise StageInputError(
                     f"inputs[{i}]",
-                    f"{art.stage} artifact {art.path} has no input_ids column; pack reads the output of the tokenize stage",
+                    f"{art.stage} artifact {art.path} has no input_ids column; "
+                    "pack reads the output of the tokenize stage",
                 )
         fingerprints = {_tokenizer_of(a).get("fingerprint") for a in inputs if a.num_rows}
         if len(fingerprints) > 1:
@@ -231,7 +236,9 @@ class PackStage(Stage):
                 "inputs", f"the inputs were tokenized with different tokenizers ({sorted(map(str, fingerprints))})"
             )
         if cfg.mixture is not None and len(cfg.mixture) != len(inputs):
-            raise StageInputError("mixture", f"{len(cfg.mixture)} components for {len(inputs)} inputs; give one per input")
+            raise StageInputError(
+                "mixture", f"{len(cfg.mixture)} components for {len(inputs)} inputs; give one per input"
+            )
         self._pad_id(inputs, cfg)
 
     @staticmethod
@@ -301,8 +308,15 @@ class PackStage(Stage):
                 table = out.data if split == "train" else out.table(_TABLE_OF_SPLIT[split])
                 for start in range(0, len(rows), _ROWS_PER_BATCH):
                     batch = assemble_rows(
-                        rows[start : start + _ROWS_PER_BATCH], item_doc, docs.doc_starts, docs.tokens_flat,
-                        docs.labels_flat, docs.doc_ids, cfg.seq_len, pad_id, cfg.mask_piece_start,
+                        rows[start : start + _ROWS_PER_BATCH],
+                        item_doc,
+                        docs.doc_starts,
+                        docs.tokens_flat,
+                        docs.labels_flat,
+                        docs.doc_ids,
+                        cfg.seq_len,
+                        pad_id,
+                        cfg.mask_piece_start,
                     )
                     if written is not None:
                         written.result()

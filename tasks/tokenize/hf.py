@@ -41,9 +41,7 @@ def tokenizer_identity(path: str, field: str) -> dict[str, Any]:
         and os.path.getsize(os.path.join(path, n)) <= _MAX_TOKENIZER_FILE_BYTES
     )
     if not any(m in names for m in TOKENIZER_MARKERS):
-        raise StageInputError(
-            field, f"{path!r} holds no tokenizer (none of {', '.join(TOKENIZER_MARKERS)} is in it)"
-        )
+        raise StageInputError(field, f"{path!r} holds no tokenizer (none of {', '.join(TOKENIZER_MARKERS)} is in it)")
     digest = hashlib.sha256()
     for name in names:
         digest.update(name.encode() + b"\0")
@@ -108,7 +106,9 @@ def load_hub_tokenizer(name: str, revision: str | None) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision)
     except Exception as e:
-        raise StageInputError("hub_name", f"cannot load tokenizer {name!r} from the hub: {type(e).__name__}: {e}") from e
+        raise StageInputError(
+            "hub_name", f"cannot load tokenizer {name!r} from the hub: {type(e).__name__}: {e}"
+        ) from e
     if not _has_fast_backend(tok):
         raise StageInputError("hub_name", f"{name!r} has no fast (Rust `tokenizers`) tokenizer")
     return tok

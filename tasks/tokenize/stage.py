@@ -142,7 +142,9 @@ def _backend(tok: Any, split_special_tokens: bool) -> Any:
 # assembling token rows
 
 
-def _with_specials(flat: np.ndarray, lengths: np.ndarray, bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _with_specials(
+    flat: np.ndarray, lengths: np.ndarray, bos: int | None, eos: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Insert BOS / EOS around every document of a flat token array without a Python loop per token."""
     extra = (bos is not None) + (eos is not None)
     out_lengths = lengths + extra
@@ -209,7 +211,9 @@ class TokenizeStage(Stage):
     @staticmethod
     def _check_tokenizer(tok: Any, cfg: TokenizeConfig) -> None:
         if cfg.add_eos and tok.eos_token_id is None:
-            raise StageInputError("add_eos", "the tokenizer has no EOS token; set add_eos: false or use another tokenizer")
+            raise StageInputError(
+                "add_eos", "the tokenizer has no EOS token; set add_eos: false or use another tokenizer"
+            )
         if cfg.add_bos and tok.bos_token_id is None:
             raise StageInputError("add_bos", "the tokenizer has no BOS token")
         if cfg.format == "sft":
@@ -271,7 +275,13 @@ class TokenizeStage(Stage):
         return keep_ids, keep_texts
 
     def _text_rows(
-        self, ids: list[str], texts: list[str], encoded: Future, tok: Any, cfg: TokenizeConfig, out: ArtifactWriter,
+        self,
+        ids: list[str],
+        texts: list[str],
+        encoded: Future,
+        tok: Any,
+        cfg: TokenizeConfig,
+        out: ArtifactWriter,
     ) -> pa.RecordBatch | None:
         flat, lengths = encoded.result()
         if not lengths.all():  # text that the tokenizer's normalizer erases entirely
@@ -293,7 +303,9 @@ class TokenizeStage(Stage):
             [pa.array(ids, pa.string()), _list_array(tokens, offsets), pa.array(n_tokens)], schema=TOKENS_SCHEMA
         )
 
-    def _sft_batch(self, batch: pa.RecordBatch, tok: Any, cfg: TokenizeConfig, out: ArtifactWriter) -> pa.RecordBatch | None:
+    def _sft_batch(
+        self, batch: pa.RecordBatch, tok: Any, cfg: TokenizeConfig, out: ArtifactWriter
+    ) -> pa.RecordBatch | None:
         ids = batch.column("id").to_pylist()
         metas = batch.column("meta").to_pylist()
         alpaca = _uses_alpaca(tok, cfg)
@@ -307,7 +319,9 @@ class TokenizeStage(Stage):
                 if not isinstance(record, dict):
                     raise SftRecordError("missing_sft_fields", "meta is not a JSON object")
                 example = normalize_sft_record(record.get("sft", record))
-                text, turn_spans = render_alpaca(example, tok.eos_token) if alpaca else render_chat_template(example, tok)
+                text, turn_spans = (
+                    render_alpaca(example, tok.eos_token) if alpaca else render_chat_template(example, tok)
+                )
             except json.JSONDecodeError as e:
                 out.reject("invalid_meta", f"meta is not JSON: {e}", id=doc_id, meta=meta)
                 continue

@@ -2,7 +2,8 @@
 
 Either way the output artifact is a directory that `AutoTokenizer.from_pretrained(path)` loads
 (tokenizer.json, tokenizer_config.json, chat_template.jinja when there is one); its row table is the
-vocabulary (id, token, special), for inspection. Its fingerprint covers the training corpus and settings, or the loaded files'
+vocabulary (id, token, special), for inspection. Its fingerprint covers the training corpus and settings,
+or the loaded files'
 content, so a different tokenizer is always a different fingerprint for everything downstream.
 """
 
@@ -53,7 +54,9 @@ class TokenizerConfig(StageConfig):
         "to a commit so that the cache key changes when the tokenizer does.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for `hub_name`.")
-    vocab_size: int = Field(8192, ge=260, le=1_000_000, description="Vocabulary size of a trained BPE (special tokens included).")
+    vocab_size: int = Field(
+        8192, ge=260, le=1_000_000, description="Vocabulary size of a trained BPE (special tokens included)."
+    )
     min_frequency: int = Field(2, ge=1, description="A pair is merged only if it occurs at least this often.")
     bos_token: str = Field("<|bos|>", min_length=1, description="Beginning-of-document token of a trained BPE.")
     eos_token: str = Field("<|eos|>", min_length=1, description="End-of-document token of a trained BPE.")
@@ -79,7 +82,9 @@ class TokenizerConfig(StageConfig):
             raise ValueError("revision: only applies with hub_name")
         specials = self.special_tokens()
         if self.vocab_size < _BYTE_ALPHABET + len(specials):
-            raise ValueError(f"vocab_size: must be at least {_BYTE_ALPHABET + len(specials)} (256 bytes + special tokens)")
+            raise ValueError(
+                f"vocab_size: must be at least {_BYTE_ALPHABET + len(specials)} (256 bytes + special tokens)"
+            )
         return self
 
     def special_tokens(self) -> list[str]:
@@ -142,7 +147,9 @@ class TokenizerStage(Stage):
                 raise StageInputError("inputs", "training a tokenizer needs a documents artifact as input")
             for i, art in enumerate(inputs):
                 if art.num_rows and "text" not in (art.manifest.get("schema") or []):
-                    raise StageInputError(f"inputs[{i}]", f"{art.stage} artifact {art.path} has no 'text' column to train on")
+                    raise StageInputError(
+                        f"inputs[{i}]", f"{art.stage} artifact {art.path} has no 'text' column to train on"
+                    )
         return [{"tokenizer": "train" if cfg.trains else ("path" if cfg.path else "hub")}]
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TokenizerConfig, out: ArtifactWriter) -> None:
@@ -207,7 +214,9 @@ class _TrainingText:
             for doc_id, text in zip(ids, batch.column("text").to_pylist()):
                 stats.rows_in += 1
                 if not isinstance(text, str) or not text.strip():
-                    self.out.reject("empty_text", "no text to train on", id=doc_id, text=text if isinstance(text, str) else None)
+                    self.out.reject(
+                        "empty_text", "no text to train on", id=doc_id, text=text if isinstance(text, str) else None
+                    )
                     continue
                 stats.rows_out += 1
                 self.chars += len(text)

@@ -35,7 +35,8 @@ class ModelConfig(_Section):
 
     name_or_path: str | None = Field(None, description="Hub id (needs internet) or local directory of a model.")
     from_: str | None = Field(
-        None, alias="from",
+        None,
+        alias="from",
         description="The name of another training section of this pipeline: start from the model it exports "
         "(e.g. an SFT run from the pretraining run). Its fingerprint becomes part of this run's.",
     )
@@ -54,8 +55,10 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if sum(x is not None for x in (self.name_or_path, self.init, self.from_)) != 1:
-            raise ValueError("set exactly one of model.name_or_path (load a model), model.from (another training "
-                             "section's model) or model.init (random init)")
+            raise ValueError(
+                "set exactly one of model.name_or_path (load a model), model.from (another training "
+                "section's model) or model.init (random init)"
+            )
         return self
 
 
@@ -83,8 +86,12 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay.")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(10, ge=0, description="Linear warmup from 0, then cosine decay to min_lr_ratio * lr "
-                              "(transformers' get_cosine_with_min_lr_schedule_with_warmup).")
+    warmup_steps: int = Field(
+        10,
+        ge=0,
+        description="Linear warmup from 0, then cosine decay to min_lr_ratio * lr "
+        "(transformers' get_cosine_with_min_lr_schedule_with_warmup).",
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0: off).")
 
@@ -114,7 +121,13 @@ class LaunchConfig(_Section):
 class TrainConfig(StageConfig):
     """One training run over a dataset artifact (pack's, or classify_tokenize's for classification)."""
 
-    execution_fields = StageConfig.execution_fields | {"launch", "log_every", "save_every", "keep_checkpoints", "tensorboard"}
+    execution_fields = StageConfig.execution_fields | {
+        "launch",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+        "tensorboard",
+    }
 
     objective: Literal["causal_lm", "sft", "classification"] = Field(
         "causal_lm",
@@ -138,7 +151,8 @@ class TrainConfig(StageConfig):
         8, ge=1, description="Micro batches per rank in one validation pass; null: the whole validation split."
     )
     monitor: str | None = Field(
-        None, description="The validation metric early stopping and the best checkpoint follow: loss (the default "
+        None,
+        description="The validation metric early stopping and the best checkpoint follow: loss (the default "
         "for language models), accuracy or f1 (macro-F1, the default for classifiers), ...",
     )
     monitor_mode: Literal["auto", "min", "max"] = Field(
@@ -148,7 +162,8 @@ class TrainConfig(StageConfig):
         None, ge=1, description="Stop after this many validations without a better `monitor` value."
     )
     export: Literal["best", "last"] = Field(
-        "best", description="Which weights the artifact's model holds: the best validation by `monitor` (kept as a "
+        "best",
+        description="Which weights the artifact's model holds: the best validation by `monitor` (kept as a "
         "checkpoint when it happens), or the last step's. Without a validation split: the last.",
     )
     log_every: int = Field(5, ge=1)

@@ -63,7 +63,9 @@ class PackedRows:
         self.input_ids = _matrix(table["input_ids"])
         n, s = self.input_ids.shape
         self.labels = _matrix(table["labels"]) if "labels" in cols else self.input_ids.clone()
-        self.position_ids = _matrix(table["position_ids"]) if "position_ids" in cols else torch.arange(s).expand(n, s).clone()
+        self.position_ids = (
+            _matrix(table["position_ids"]) if "position_ids" in cols else torch.arange(s).expand(n, s).clone()
+        )
         # The first token of every document is never a target: with the shift inside the loss it would be
         # "predicted" from the previous document's last token, which the model must not see.
         self.labels = self.labels.masked_fill(self.position_ids == 0, IGNORE_INDEX)

@@ -69,8 +69,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     if cfg.launch.device == "gpu":  # DeepSpeed's fused (or CPU-offload) Adam; on CPU the worker uses torch AdamW
         ds["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-                       "weight_decay": cfg.optim.weight_decay},
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+            },
         }
     return ds
 
@@ -115,7 +119,8 @@ def check_hardware(cfg: TrainConfig) -> None:
     if n == 0:
         raise TrainLaunchError(
             "train.launch.device: gpu, but this machine has no CUDA GPU visible to torch "
-            f"(torch {torch.__version__}; a CPU build cannot use GPUs). Use launch.device: cpu, or install a CUDA torch."
+            f"(torch {torch.__version__}; a CPU build cannot use GPUs). "
+            "Use launch.device: cpu, or install a CUDA torch."
         )
     if not cfg.launch.hostfile and cfg.launch.procs_per_node > n:
         raise TrainLaunchError(f"train.launch.procs_per_node: {cfg.launch.procs_per_node} ranks asked, {n} GPU(s) here")
@@ -128,11 +133,33 @@ def command(cfg: TrainConfig, run_json: str) -> tuple[list[str], dict[str, str]]
     if cfg.launch.device == "cpu":
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     if cfg.launch.hostfile:  # several nodes: DeepSpeed's launcher (pdsh/ssh) starts torch ranks on each host
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", cfg.launch.hostfile,
-               "--master_addr", cfg.launch.master_addr, "--master_port", str(port), "--module", *worker[1:2], *worker[2:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            cfg.launch.hostfile,
+            "--master_addr",
+            cfg.launch.master_addr,
+            "--master_port",
+            str(port),
+            "--module",
+            *worker[1:2],
+            *worker[2:],
+        ]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.launch.procs_per_node),
-               "--master_addr", cfg.launch.master_addr, "--master_port", str(port), *worker]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(cfg.launch.procs_per_node),
+            "--master_addr",
+            cfg.launch.master_addr,
+            "--master_port",
+            str(port),
+            *worker,
+        ]
     return cmd, env
 
 
@@ -169,8 +196,13 @@ def _launcher_preexec() -> None:  # in the child, between fork and exec
     die_with_parent()
 
 
-def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], None] | None = None,
-        cwd: str | None = None, keep_fds: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+def run(
+    cfg: TrainConfig,
+    run_json: str,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    cwd: str | None = None,
+    keep_fds: tuple[int, ...] = (),
+) -> list[dict[str, Any]]:
     """Start the ranks and wait. Every output line goes to the `kiln.train` logger; JSON event lines are
     also handed to `on_event`. Raises TrainLaunchError naming the failing rank and its error. `keep_fds`
     are passed on to the launcher (the unit's lock: it is held for as long as the launcher lives)."""
@@ -183,8 +215,17 @@ def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], No
     current_rank: int | None = None
     root_rank: int | None = None
     in_root_cause = False
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, preexec_fn=_launcher_preexec, pass_fds=tuple(fd for fd in keep_fds if fd is not None))
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        preexec_fn=_launcher_preexec,
+        pass_fds=tuple(fd for fd in keep_fds if fd is not None),
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -214,8 +255,11 @@ def run(cfg: TrainConfig, run_json: str, on_event: Callable[[dict[str, Any]], No
         if not errors and finished >= set(range(world_size(cfg))):
             # Every rank reported its work written and its process group closed before it died: the
             # outputs are complete (a known DeepSpeed teardown abort), so the run stands.
-            log.warning("the launcher exited with code %d after every rank had finished and saved; "
-                        "treating the run as complete (a rank died during interpreter teardown)", code)
+            log.warning(
+                "the launcher exited with code %d after every rank had finished and saved; "
+                "treating the run as complete (a rank died during interpreter teardown)",
+                code,
+            )
             return events
         raise TrainLaunchError(_explain(code, errors, dead, list(tail), root_rank))
     return events
@@ -254,8 +298,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
             pass
 
 
-def _explain(code: int, errors: list[dict[str, Any]], dead: dict[int, int], tail: list[str],
-             root_rank: int | None = None) -> str:
+def _explain(
+    code: int, errors: list[dict[str, Any]], dead: dict[int, int], tail: list[str], root_rank: int | None = None
+) -> str:
     # A rank killed by a signal is the cause; the others then fail on broken collectives or are stopped
     # by torchrun with SIGTERM, so the root cause (or a non-SIGTERM death) comes first.
     order = sorted(dead.items(), key=lambda kv: (kv[0] != root_rank, kv[1] == -signal.SIGTERM, kv[0]))

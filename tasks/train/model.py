@@ -25,8 +25,10 @@ def apply_dropout(config: Any, dropout: Any) -> None:
             found = ["classifier_dropout"]  # heads that read it with a fallback (BERT) accept it unset
         if not found:
             have = sorted(n for ns in DROPOUT_NAMES.values() for n in ns if hasattr(config, n))
-            raise ValueError(f"model.dropout.{part}: the {config.model_type} config has no {part} dropout "
-                             f"(its dropout settings: {', '.join(have) or 'none'})")
+            raise ValueError(
+                f"model.dropout.{part}: the {config.model_type} config has no {part} dropout "
+                f"(its dropout settings: {', '.join(have) or 'none'})"
+            )
         for n in found:
             setattr(config, n, rate)
 
@@ -81,13 +83,21 @@ def wrap_method(model: Any, method: Any, task: str = "CAUSAL_LM") -> Any:
 
     task_type = getattr(TaskType, task)
     if method.method == "lora":
-        pc = LoraConfig(task_type=task_type, r=method.lora_r, lora_alpha=method.lora_alpha,
-                        lora_dropout=method.lora_dropout, target_modules=method.target_modules)
+        pc = LoraConfig(
+            task_type=task_type,
+            r=method.lora_r,
+            lora_alpha=method.lora_alpha,
+            lora_dropout=method.lora_dropout,
+            target_modules=method.target_modules,
+        )
     elif method.method == "prefix":
         pc = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=method.prefix_tokens)
     else:
-        pc = AdaptionPromptConfig(task_type=task_type, adapter_len=method.adapter_len,
-                                  adapter_layers=min(method.adapter_layers, model.config.num_hidden_layers))
+        pc = AdaptionPromptConfig(
+            task_type=task_type,
+            adapter_len=method.adapter_len,
+            adapter_layers=min(method.adapter_layers, model.config.num_hidden_layers),
+        )
     return get_peft_model(model, pc)
 
 

@@ -55,12 +55,19 @@ class CausalLM(Objective):
     def rows(self, split: Any) -> PackedRows:
         return PackedRows(split)
 
-    def _token_losses(self, model: Any, batch: dict[str, torch.Tensor], smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _token_losses(
+        self, model: Any, batch: dict[str, torch.Tensor], smoothing: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         logits = logits[:, :-1].float()  # position t predicts token t+1
         labels = batch["labels"][:, 1:]
-        losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, label_smoothing=smoothing, reduction="sum")
+        losses = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=smoothing,
+            reduction="sum",
+        )
         return losses, (labels != IGNORE_INDEX).sum()
 
     def loss(self, model, batch):
@@ -95,17 +102,22 @@ class Classification(Objective):
     def model_kwargs(self) -> dict[str, Any]:
         names = self.labels
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-                "label2id": {n: i for i, n in enumerate(names)}, "problem_type": "single_label_classification",
-                "pad_token_id": pad}
+        return {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+            "problem_type": "single_label_classification",
+            "pad_token_id": pad,
+        }
 
     def _logits(self, model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
     def loss(self, model, batch):
         logits = self._logits(model, batch)
-        loss = F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX,
-                               label_smoothing=self.cfg.label_smoothing)
+        loss = F.cross_entropy(
+            logits, batch["labels"], ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing
+        )
         accuracy = (logits.argmax(-1) == batch["labels"]).double().mean()
         return loss, {"accuracy": accuracy.detach()}
 
@@ -120,8 +132,9 @@ class Classification(Objective):
         return {"loss_sum": loss.detach().double(), "rows": valid.sum().double(), "confusion": confusion.double()}
 
     def eval_metrics(self, sums):
-        return classification_metrics(sums["confusion"].long().cpu(), self.labels,
-                                      float(sums["loss_sum"] / sums["rows"].clamp(min=1)))
+        return classification_metrics(
+            sums["confusion"].long().cpu(), self.labels, float(sums["loss_sum"] / sums["rows"].clamp(min=1))
+        )
 
 
 def classification_metrics(confusion: torch.Tensor, names: list[str], loss: float | None = None) -> dict[str, Any]:

@@ -72,17 +72,25 @@ class Recipe:
         self.val_rows = self.objective.rows(data["validation"]) if has_val else None
         if cfg.objective != "classification" and cfg.seq_len is not None and self.train_rows.seq_len != cfg.seq_len:
             raise ValueError(
-                f"seq_len: the config says {cfg.seq_len}, the dataset's sequences have {self.train_rows.seq_len} tokens "
-                "(pack with the same seq_len, or change train.seq_len)")
+                f"seq_len: the config says {cfg.seq_len}, "
+                f"the dataset's sequences have {self.train_rows.seq_len} tokens "
+                "(pack with the same seq_len, or change train.seq_len)"
+            )
         self.sampler = Sampler(self.train_rows.n, cfg.seed)
 
         ds_config = run["deepspeed_config"]
-        dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
-            torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+        dtype = (
+            torch.bfloat16
+            if ds_config.get("bf16", {}).get("enabled")
+            else (torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+        )
         model = build_model(cfg, self.objective, self.tokenizer, dtype, run.get("model_source"))
         if cfg.method.method == "prefix" and self.rank == 0:
-            self.emit("warning", message="prefix tuning: PEFT's prefix attention mask does not keep packed documents "
-                                         "apart; use one document per sequence (SFT packing) for exact boundaries")
+            self.emit(
+                "warning",
+                message="prefix tuning: PEFT's prefix attention mask does not keep packed documents "
+                "apart; use one document per sequence (SFT packing) for exact boundaries",
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
         self.n_total = sum(p.numel() for p in model.parameters())
@@ -90,12 +98,15 @@ class Recipe:
         self.peak = peak_tflops(cfg.launch, cfg.launch.device)
         optimizer = None
         if "optimizer" not in ds_config:  # CPU: torch AdamW as a client optimizer (no op compilation)
-            optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                          weight_decay=cfg.optim.weight_decay)
+            optimizer = torch.optim.AdamW(
+                params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+            )
         schedule = lambda opt: get_cosine_with_min_lr_schedule_with_warmup(  # noqa: E731
-            opt, cfg.optim.warmup_steps, cfg.max_steps, min_lr_rate=cfg.optim.min_lr_ratio)
+            opt, cfg.optim.warmup_steps, cfg.max_steps, min_lr_rate=cfg.optim.min_lr_ratio
+        )
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=params, optimizer=optimizer, config=ds_config, lr_scheduler=schedule)
+            model=model, model_parameters=params, optimizer=optimizer, config=ds_config, lr_scheduler=schedule
+        )
 
         tag = _latest_checkpoint(self.ckpt_dir)
         if tag:
@@ -125,8 +136,15 @@ class Recipe:
                 dt = time.perf_counter() - window_t
                 tps = window_tokens / dt if dt > 0 else 0.0
                 mfu = (tps * self.flops_per_token / self.world) / (self.peak * 1e12) if self.peak else None
-                self.record("train", loss=loss, lr=self.scheduler.get_last_lr()[0], tokens_per_s=tps, mfu=mfu,
-                            tokens=state.tokens, **metrics)
+                self.record(
+                    "train",
+                    loss=loss,
+                    lr=self.scheduler.get_last_lr()[0],
+                    tokens_per_s=tps,
+                    mfu=mfu,
+                    tokens=state.tokens,
+                    **metrics,
+                )
                 window_t, window_tokens = time.perf_counter(), 0
             if (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps) and self.validate():
                 break  # early stopping
@@ -142,7 +160,9 @@ class Recipe:
         sums: dict[str, torch.Tensor] = {}
         tokens = torch.zeros((), dtype=torch.float64)
         for k in range(cfg.grad_accum):
-            idx = self.sampler.indices(self.state.step * cfg.grad_accum + k, cfg.micro_batch_size, self.rank, self.world)
+            idx = self.sampler.indices(
+                self.state.step * cfg.grad_accum + k, cfg.micro_batch_size, self.rank, self.world
+            )
             batch = self._to_device(self.train_rows.batch(idx))
             loss, metrics = self.objective.loss(engine, batch)
             engine.backward(loss)
@@ -158,7 +178,8 @@ class Recipe:
         if not math.isfinite(loss):
             raise NonFiniteLoss(
                 f"loss is {loss} at step {self.state.step + 1}; stopping. The last good checkpoint is kept in "
-                f"{self.ckpt_dir} (lower optim.lr, check the data, or use bf16 instead of fp16)")
+                f"{self.ckpt_dir} (lower optim.lr, check the data, or use bf16 instead of fp16)"
+            )
         return loss, values, int(packed[-1])
 
     def evaluate(self) -> dict[str, Any] | None:
@@ -172,8 +193,9 @@ class Recipe:
             batches = full_pass(self.val_rows.n, cfg.micro_batch_size, self.rank, self.world)
         else:
             sampler = Sampler(self.val_rows.n, cfg.seed)
-            batches = [(sampler.indices(i, cfg.micro_batch_size, self.rank, self.world), None)
-                       for i in range(cfg.eval_batches)]
+            batches = [
+                (sampler.indices(i, cfg.micro_batch_size, self.rank, self.world), None) for i in range(cfg.eval_batches)
+            ]
         self.engine.eval()
         sums: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -194,8 +216,10 @@ class Recipe:
             return False
         self.record("validation", **metrics)
         if self.metric not in metrics:
-            raise ValueError(f"monitor: the {cfg.objective} objective has no validation metric {self.metric!r} "
-                             f"(it has: {', '.join(k for k in metrics if not isinstance(metrics[k], list))})")
+            raise ValueError(
+                f"monitor: the {cfg.objective} objective has no validation metric {self.metric!r} "
+                f"(it has: {', '.join(k for k in metrics if not isinstance(metrics[k], list))})"
+            )
         value = metrics[self.metric]
         better = state.best is None or (value < state.best if self.mode == "min" else value > state.best)
         if better:
@@ -205,8 +229,10 @@ class Recipe:
             return False
         state.bad_evals += 1
         if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
-            state.stopped = (f"early stopping: no better validation {self.metric} in {state.bad_evals} evaluations "
-                             f"(best {state.best:.4f} at step {state.best_step})")
+            state.stopped = (
+                f"early stopping: no better validation {self.metric} in {state.bad_evals} evaluations "
+                f"(best {state.best:.4f} at step {state.best_step})"
+            )
             if self.rank == 0:
                 self.emit("early_stop", step=state.step, reason=state.stopped)
             return True
@@ -257,7 +283,9 @@ class Recipe:
                 "best": state.best,
                 "best_step": state.best_step,
                 "exported_step": state.best_step if use_best else state.step,
-                "best_validation_loss": min((h["loss"] for h in state.history if h["kind"] == "validation"), default=None),
+                "best_validation_loss": min(
+                    (h["loss"] for h in state.history if h["kind"] == "validation"), default=None
+                ),
                 "stopped": state.stopped,
                 "trainable_parameters": self.n_trainable,
                 "parameters": self.n_total,
@@ -328,7 +356,9 @@ def _latest_checkpoint(ckpt_dir: str) -> str | None:
 
 
 def _prune(ckpt_dir: str, prefix: str, keep: int) -> None:
-    tags = sorted((d for d in os.listdir(ckpt_dir) if d.startswith(prefix) and d[len(prefix):].isdigit()),
-                  key=lambda d: int(d[len(prefix):]))
+    tags = sorted(
+        (d for d in os.listdir(ckpt_dir) if d.startswith(prefix) and d[len(prefix) :].isdigit()),
+        key=lambda d: int(d[len(prefix) :]),
+    )
     for tag in tags[:-keep]:
         shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)

@@ -39,7 +39,8 @@ class TrainStage(Stage):
         if path and os.path.isdir(path):  # a local model: its files are part of what the run depends on
             return sorted(
                 (os.path.relpath(os.path.join(r, n), path), os.path.getsize(os.path.join(r, n)))
-                for r, _, files in os.walk(path) for n in files
+                for r, _, files in os.walk(path)
+                for n in files
             )
         return None
 
@@ -62,24 +63,35 @@ class TrainStage(Stage):
         if splits is not None and "train" not in splits:
             st = data.stats
             why = ", ".join(f"{r} {n}" for r, n in st.rejected.items()) or "no input rows"
-            raise StageInputError("inputs", f"{data.path} has no training rows ({data.stage} kept {st.rows_out} of "
-                                  f"{st.rows_in}; rejected: {why})")
+            raise StageInputError(
+                "inputs",
+                f"{data.path} has no training rows ({data.stage} kept {st.rows_out} of {st.rows_in}; rejected: {why})",
+            )
         if cfg.objective == "classification":
             labels = data.manifest.get("labels")
             if not labels:
-                raise StageInputError("objective", f"classification needs a labelled dataset (classify_tokenize); "
-                                      f"{data.path} is a {data.stage} artifact")
+                raise StageInputError(
+                    "objective",
+                    f"classification needs a labelled dataset (classify_tokenize); "
+                    f"{data.path} is a {data.stage} artifact",
+                )
             counts = data.manifest.get("label_counts") or {}
             train, val = set(counts.get("train", {})), set(counts.get("validation", {}))
             if val and train != val:
                 raise StageInputError(
-                    "inputs", f"the train and validation splits of {data.path} have different label sets: only in "
-                    f"train {sorted(train - val) or '-'}, only in validation {sorted(val - train) or '-'}")
+                    "inputs",
+                    f"the train and validation splits of {data.path} have different label sets: only in "
+                    f"train {sorted(train - val) or '-'}, only in validation {sorted(val - train) or '-'}",
+                )
         elif data.stage == "classify_tokenize":
             raise StageInputError("objective", f"{data.path} is a labelled dataset: use objective: classification")
         if model is not None and not data_model_files(model.path):
-            raise StageInputError("model.from", f"{model.path} holds no full model (a {model.manifest.get('config', {}).get('method', {}).get('method')} "
-                                  "run exports an adapter only); start from a full or LoRA run")
+            raise StageInputError(
+                "model.from",
+                f"{model.path} holds no full model "
+                f"(a {model.manifest.get('config', {}).get('method', {}).get('method')} "
+                "run exports an adapter only); start from a full or LoRA run",
+            )
         if cfg.model.init is not None:
             from tasks.train.model import model_config
 
@@ -90,10 +102,12 @@ class TrainStage(Stage):
                 raise StageInputError(field, message) from None
         metric, _ = cfg.monitored()
         known = {"loss", "perplexity"} if cfg.objective != "classification" else {"loss", "accuracy", "f1"}
-        if metric not in known and not (cfg.objective == "classification" and metric.split("/")[0] in
-                                        ("precision", "recall", "f1")):
-            raise StageInputError("monitor", f"the {cfg.objective} objective reports {', '.join(sorted(known))}; "
-                                  f"not {metric!r}")
+        if metric not in known and not (
+            cfg.objective == "classification" and metric.split("/")[0] in ("precision", "recall", "f1")
+        ):
+            raise StageInputError(
+                "monitor", f"the {cfg.objective} objective reports {', '.join(sorted(known))}; not {metric!r}"
+            )
         return [{"run": 0}]
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TrainConfig, out: ArtifactWriter) -> None:
@@ -107,7 +121,9 @@ class TrainStage(Stage):
         else:  # a remote store: the ranks read and write local files, uploaded when the run is done
             data_dir = work.fetch(data, ("hf", "tokenizer"))
             tokenizer_dir = work.fetch(tokenizer) if tokenizer else None
-            model_source = work.fetch(model, exclude=("checkpoints", "tensorboard")) if model else cfg.model.name_or_path
+            model_source = (
+                work.fetch(model, exclude=("checkpoints", "tensorboard")) if model else cfg.model.name_or_path
+            )
             out_dir, scratch = work.output, work.scratch
         hf_dir = os.path.join(data_dir, "hf") if os.path.isdir(os.path.join(data_dir, "hf")) else data_dir
         if tokenizer_dir is None and os.path.isdir(os.path.join(data_dir, "tokenizer")):
@@ -131,7 +147,9 @@ class TrainStage(Stage):
 
         def on_event(event: dict[str, Any]) -> None:
             if event.get("kiln") == "train":
-                out.progress(event["step"] / cfg.max_steps, f"step {event['step']}/{cfg.max_steps}, loss {event['loss']:.4f}")
+                out.progress(
+                    event["step"] / cfg.max_steps, f"step {event['step']}/{cfg.max_steps}, loss {event['loss']:.4f}"
+                )
 
         launch.run(cfg, run_json, on_event=on_event, cwd=repo_root, keep_fds=(out.lock_fd,))
 
@@ -255,14 +273,20 @@ class LocalWork:
 def _history_table(history: list[dict[str, Any]]) -> pa.Table:
     """Every logged scalar, one row per (kind, step, metric): train and validation alike, whatever the
     objective reports."""
-    rows = [(h["kind"], h["step"], k, float(v)) for h in history for k, v in h.items()
-            if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return pa.table({
-        "kind": pa.array([r[0] for r in rows], pa.string()),
-        "step": pa.array([r[1] for r in rows], pa.int64()),
-        "metric": pa.array([r[2] for r in rows], pa.string()),
-        "value": pa.array([r[3] for r in rows], pa.float64()),
-    })
+    rows = [
+        (h["kind"], h["step"], k, float(v))
+        for h in history
+        for k, v in h.items()
+        if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    return pa.table(
+        {
+            "kind": pa.array([r[0] for r in rows], pa.string()),
+            "step": pa.array([r[1] for r in rows], pa.int64()),
+            "metric": pa.array([r[2] for r in rows], pa.string()),
+            "value": pa.array([r[3] for r in rows], pa.float64()),
+        }
+    )
 
 
 def write_report(out_dir: str, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
@@ -303,9 +327,12 @@ def write_report(out_dir: str, cfg: TrainConfig, metrics: dict[str, Any]) -> Non
     lines = [
         f"# Training ({cfg.objective}): {cfg.method.method}, ZeRO-{cfg.deepspeed.zero_stage}, {metrics['steps']} steps",
         "",
-        f"{metrics['tokens']:,} tokens; {metrics['trainable_parameters']:,} of {metrics['parameters']:,} parameters trained.",
+        f"{metrics['tokens']:,} tokens; "
+        f"{metrics['trainable_parameters']:,} of {metrics['parameters']:,} parameters trained.",
         "",
-        "| step | train loss | validation loss | " + " | ".join(f"validation {c}" for c in extra_cols) + " | tokens/s |",
+        "| step | train loss | validation loss | "
+        + " | ".join(f"validation {c}" for c in extra_cols)
+        + " | tokens/s |",
         "|---:|---:|---:|" + "---:|" * len(extra_cols) + "---:|",
     ]
     by_step: dict[int, dict[str, Any]] = {}
@@ -317,16 +344,29 @@ def write_report(out_dir: str, cfg: TrainConfig, metrics: dict[str, Any]) -> Non
 
     for step, row in sorted(by_step.items()):
         cells = [fmt(row.get(f"validation_{c}")) for c in extra_cols]
-        lines.append(f"| {step} | {fmt(row.get('train_loss'))} | {fmt(row.get('validation_loss'))} | "
-                     + " | ".join(cells) + f" | {fmt(row.get('train_tokens_per_s'), ',.0f')} |")
+        lines.append(
+            f"| {step} | {fmt(row.get('train_loss'))} | {fmt(row.get('validation_loss'))} | "
+            + " | ".join(cells)
+            + f" | {fmt(row.get('train_tokens_per_s'), ',.0f')} |"
+        )
     if metrics.get("best_step") is not None:
-        lines += ["", f"Best validation {metrics['monitor']}: {metrics['best']:.4f} at step {metrics['best_step']}; "
-                      f"the exported model holds the weights of step {metrics['exported_step']}."]
+        lines += [
+            "",
+            f"Best validation {metrics['monitor']}: {metrics['best']:.4f} at step {metrics['best_step']}; "
+            f"the exported model holds the weights of step {metrics['exported_step']}.",
+        ]
     if val and val[-1].get("confusion") is not None and metrics.get("history"):
         names = [k.split("/", 1)[1] for k in val[-1] if k.startswith("precision/")]
-        lines += ["", "Confusion matrix of the last validation (rows: true label, columns: predicted):", "",
-                  "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        lines += [f"| {n} | " + " | ".join(str(int(x)) for x in row) + " |" for n, row in zip(names, val[-1]["confusion"])]
+        lines += [
+            "",
+            "Confusion matrix of the last validation (rows: true label, columns: predicted):",
+            "",
+            "| | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        lines += [
+            f"| {n} | " + " | ".join(str(int(x)) for x in row) + " |" for n, row in zip(names, val[-1]["confusion"])
+        ]
     if metrics.get("stopped"):
         lines += ["", f"Stopped early: {metrics['stopped']}"]
     lines += ["", f"![loss curve]({data_uri})", ""]

@@ -31,7 +31,7 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
     fd = sys.stdout.fileno()
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def train(run: dict[str, Any]) -> int:
@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         emit("error", rank=rank, error=str(e), kind="non_finite_loss")
         return EXIT_NAN
     except BaseException as e:
-        emit("error", rank=rank, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2500:])  # one line under PIPE_BUF
+        emit(
+            "error", rank=rank, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2500:]
+        )  # one line under PIPE_BUF
         raise
 
 
