@@ -230,7 +230,7 @@ def test_label_sets_that_differ_between_splits_are_refused_before_training(label
     ):
         TrainStage().plan([data], cfg)
     with pytest.raises(StageInputError, match="^monitor"):
-        TrainStage().plan([data], cfg.model_copy(update={"monitor": "bleu"}))
+        TrainStage().plan([labelled["data"]], cfg.model_copy(update={"monitor": "bleu"}))
     with pytest.raises(StageInputError, match="^model.dropout.hidden: the llama config has no hidden dropout"):
         TrainStage().plan(
             [labelled["data"]],
