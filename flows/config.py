@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.table import KIND_BY_NAME, KINDS, SECTION_KINDS
+from tasks.table import KIND_BY_NAME, SECTION_KINDS
 
 SECTION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -45,10 +45,11 @@ class RuntimeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task_runner: Literal["threads", "dask", "ray"] = Field(
+    task_runner: Literal["threads", "processes", "dask", "ray"] = Field(
         "threads",
-        description="'threads': in-process thread pool (the default). 'dask': a Dask cluster (prefect-dask). "
-        "'ray': a Ray cluster (pip install 'kiln[ray]').",
+        description="'threads': in-process thread pool (the default; the tokenizers and Arrow release the GIL). "
+        "'processes': a local process pool, one core per worker, for the pure-Python stages (clean, langid). "
+        "'dask': a Dask cluster (prefect-dask). 'ray': a Ray cluster (pip install 'kiln[ray]').",
     )
     workers: int = Field(2, ge=1, le=1024, description="Threads, or worker processes / CPUs of a local cluster.")
     dask_address: str | None = Field(
@@ -131,14 +132,6 @@ class PipelineConfig(_PipelineBase):
             return name
         cfg = (self.__pydantic_extra__ or {}).get(name)
         return cfg.kind if cfg is not None else None
-
-    def stage_config(self, name: str) -> Any:
-        """The config of a stage kind's own section (a phase's, for the dedup chain's phases)."""
-        k = KIND_BY_NAME.get(name)
-        return self.section(k.configured_by if k and k.configured_by else name)
-
-
-DATA_STAGES: tuple[str, ...] = tuple(k.name for k in KINDS)
 
 
 class ConfigError(ValueError):

@@ -36,6 +36,15 @@ def task_runner(runtime: RuntimeConfig):
         if runtime.ray_address:
             return RayTaskRunner(address=runtime.ray_address)
         return RayTaskRunner(init_kwargs={"num_cpus": runtime.workers, "include_dashboard": False})
+    if runtime.task_runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=runtime.workers, initializer=_one_thread_per_worker)
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=runtime.workers)
+
+
+def _one_thread_per_worker() -> None:
+    """A process-pool worker owns one core: BLAS / OpenMP pools of their own would fight over it."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

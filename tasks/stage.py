@@ -21,11 +21,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.artifacts import Artifact, ArtifactStore, ArtifactWriter, Staging, fingerprint
-from tasks.documents import DOCUMENT_SCHEMA
 
 log = logging.getLogger("kiln.stage")
 
@@ -84,7 +82,6 @@ class Stage(ABC):
     name: ClassVar[str]
     version: ClassVar[int]  # bump when the logic changes what the stage produces
     Config: ClassVar[type[StageConfig]]
-    output_schema: ClassVar[pa.Schema] = DOCUMENT_SCHEMA
     # rows_in == rows_out + rows_rejected in every unit (stages that keep or drop what they read)
     balanced: ClassVar[bool] = False
     # a source of records: a row whose id repeats one kept earlier becomes a `duplicate_id` reject

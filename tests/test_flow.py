@@ -11,7 +11,6 @@ import pytest
 from flows.config import PipelineConfig
 from flows.pipeline import pipeline
 from tasks.artifacts import Artifact, ArtifactWriter, read_unit
-from tasks.documents import DOCUMENT_SCHEMA
 from tasks.ingest import IngestConfig
 from tasks.stage import Stage, StageConfig
 from tasks.table import register_stage
@@ -99,7 +98,6 @@ class FlakyStage(Stage):
     name = "flaky_copy"
     version = 1
     Config = FlakyConfig
-    output_schema = DOCUMENT_SCHEMA
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: FlakyConfig, out: ArtifactWriter) -> None:
         os.makedirs(cfg.marker_dir, exist_ok=True)

@@ -65,7 +65,6 @@ class ClassifyTokenizeStage(Stage):
     name = "classify_tokenize"
     version = 1
     Config = ClassifyTokenizeConfig
-    output_schema = LABELLED_SCHEMA
     balanced = True
     splittable = True
 

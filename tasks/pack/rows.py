@@ -18,8 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.pack.binpack import Piece
-
-IGNORE_INDEX = -100
+from tasks.tokenize.stage import IGNORE_INDEX
 
 PACKED_SCHEMA = pa.schema(
     [

@@ -200,7 +200,6 @@ class PackStage(Stage):
     name = "pack"
     version = 1
     Config = PackConfig
-    output_schema = PACKED_SCHEMA
 
     def plan(self, inputs: list[Artifact], cfg: PackConfig) -> list[dict[str, Any]]:
         self._check_inputs(inputs, cfg)

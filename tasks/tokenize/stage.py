@@ -182,7 +182,6 @@ class TokenizeStage(Stage):
     name = "tokenize"
     version = 1
     Config = TokenizeConfig
-    output_schema = TOKENS_SCHEMA
     balanced = True
     splittable = True
 

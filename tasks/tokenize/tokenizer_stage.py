@@ -127,7 +127,6 @@ class TokenizerStage(Stage):
     name = "tokenizer"
     version = 1
     Config = TokenizerConfig
-    output_schema = VOCABULARY_SCHEMA
 
     def sources(self, cfg: TokenizerConfig) -> Any:
         if cfg.path is not None:

@@ -9,8 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.stage import StageConfig
 
-OBJECTIVES = ("causal_lm", "sft", "classification")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from tasks.tokenize.stage import IGNORE_INDEX
 
 
 def _matrix(column: Any) -> torch.Tensor:

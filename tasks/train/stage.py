@@ -239,34 +239,22 @@ class LocalWork:
             return dest
         fs = artifact.fs
         base = fs._strip_protocol(artifact.path).rstrip("/")
-        wanted = [f"{base}/{p}" for p in parts] if parts else [base]
-        n = 0
-        for top in wanted:
-            if not fs.exists(top):
-                continue
-            for remote in fs.find(top):
-                rel = os.path.relpath(remote, base)
-                if rel.split(os.sep, 1)[0] in exclude:
-                    continue
-                local = os.path.join(dest, rel)
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                fs.get_file(remote, local)
-                n += 1
-        log.info("fetched %d file(s) of %s into %s", n, artifact.path, dest)
+        names = parts or [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=False)]
+        wanted = [n for n in names if n not in exclude and fs.exists(f"{base}/{n}")]
+        os.makedirs(dest, exist_ok=True)
+        for name in wanted:  # fsspec's own recursive copy, one entry of the artifact at a time
+            fs.get(f"{base}/{name}", os.path.join(dest, name), recursive=fs.isdir(f"{base}/{name}"))
+        log.info("fetched %s of %s into %s", ", ".join(wanted), artifact.path, dest)
         open(done, "w").close()
         return dest
 
     def upload(self) -> None:
         fs, remote = self.out.fs, self.out.directory.rstrip("/")
-        n = 0
-        for root, _, files in os.walk(self.output):
-            rel = os.path.relpath(root, self.output)
-            target = remote if rel == "." else f"{remote}/{rel.replace(os.sep, '/')}"
-            fs.makedirs(target, exist_ok=True)
-            for name in files:
-                fs.put_file(os.path.join(root, name), f"{target}/{name}")
-                n += 1
-        log.info("uploaded %d file(s) of the trained model to %s", n, fs.unstrip_protocol(remote))
+        fs.makedirs(remote, exist_ok=True)
+        for name in sorted(os.listdir(self.output)):  # fsspec's own recursive copy
+            local = os.path.join(self.output, name)
+            fs.put(local, f"{remote}/{name}", recursive=os.path.isdir(local))
+        log.info("uploaded the trained model to %s", fs.unstrip_protocol(remote))
         shutil.rmtree(self.root, ignore_errors=True)
 
 
