@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -144,7 +145,9 @@ def plan_units(stage: Stage, inputs: list[Artifact], cfg: StageConfig, workers: 
         return units
     if not all("input" in u and "shard" in u and "rows" not in u for u in units):
         return units
-    pieces_per_unit = math.ceil(workers / len(units))
+    # twice as many pieces as workers: documents differ in cost, and a worker that finishes early takes
+    # the next piece instead of idling while another works through an expensive half
+    pieces_per_unit = math.ceil(2 * workers / len(units))
     split: list[dict[str, Any]] = []
     for u in units:
         rows = inputs[u["input"]].shard_rows()[u["shard"]]
@@ -336,7 +339,8 @@ def _run_units_in_processes(
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per worker process
     try:
-        ctx = multiprocessing.get_context("spawn")
+        # fork where it is safe (Linux): the workers start with the stage's modules already imported
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
             futures = [
                 pool.submit(
