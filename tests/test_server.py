@@ -99,8 +99,8 @@ def test_scheduled_deployment_gets_runs(prefect_server, served):
     else:
         raise AssertionError(f"no scheduled run completed: {[r['state_type'] for r in runs]}")
     assert os.path.isdir(served["tmp"] / "sched-store" / "ingest")
-    # The schedule has been proven; a run every 20 s for the rest of the module would only load the
-    # server (and its SQLite database) under the tests that follow.
+    # The schedule has been proven; a pipeline run every 20 s for the rest of the module would only take
+    # the 2 cores from the tests that follow.
     r = prefect_server.post(f"/deployments/{d['id']}/pause_deployment")
     assert r.status_code in (200, 204), r.text
 
