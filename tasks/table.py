@@ -28,6 +28,7 @@ from tasks.crawl import CrawlStage
 from tasks.dedup import DedupCandidatesStage, DedupClustersStage, DedupStage, MinHashStage
 from tasks.ingest import IngestStage, SftIngestStage
 from tasks.langid import LangIdStage
+from tasks.openai import OpenAIExportStage, OpenAITrainStage
 from tasks.pack import PackStage
 from tasks.stage import Stage
 from tasks.tokenize import SftTokenizeStage, TokenizerStage, TokenizeStage
@@ -114,6 +115,21 @@ KINDS: tuple[Kind, ...] = (
         "model",
         ("data", "tokenizer?", "model?"),
         summary="DeepSpeed training (causal LM, SFT, classification) on a dataset artifact.",
+    ),
+    Kind(
+        "openai_export",
+        OpenAIExportStage,
+        "dataset",
+        ("data",),
+        summary="Instruction examples or preference pairs -> OpenAI fine-tuning JSONL (chat / DPO), checked, "
+        "with billed-token estimates.",
+    ),
+    Kind(
+        "openai_train",
+        OpenAITrainStage,
+        "model",
+        ("data",),
+        summary="Fine-tune a model through OpenAI's API on an openai_export artifact; follows the job.",
     ),
 )
 
