@@ -24,7 +24,7 @@ from test_openai_export import sft_records, write_table
 from tasks.artifacts import Artifact, ArtifactStore
 from tasks.ingest import SftIngestConfig, SftIngestStage
 from tasks.openai import OpenAIExportConfig, OpenAIExportStage, OpenAITrainConfig, OpenAITrainStage
-from tasks.openai.train import OpenAIJobFailed
+from tasks.openai.train import OpenAIBackendError, OpenAIJobCancelled, OpenAIJobFailed
 from tasks.prefs.schema import PAIRS_SCHEMA, messages_json
 from tasks.stage import StageInputError, run_in_store
 
@@ -203,6 +203,48 @@ def test_a_missing_key_is_refused_before_anything_is_sent(tmp_path, openai_api, 
         run_in_store(OpenAITrainStage(), cfg(), [export], store)
     assert e.value.field == "OPENAI_API_KEY"
     assert openai_api.requests == []
+
+
+def test_stop_cancels_the_job_of_a_unit_running_in_this_process(tmp_path, openai_api):
+    """What an orchestrator calls when its cancellation does not reach the follower as a signal."""
+    import threading
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    export = chat_export(tmp_path, store)
+    openai_api.hold = True
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_in_store(OpenAITrainStage(), cfg(), [export], store)
+        except BaseException as e:
+            raised.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    openai_api.wait_for(running_job)
+    assert OpenAITrainStage.stop() == 1
+    worker.join(timeout=60)
+    [job] = openai_api.jobs.values()
+    assert job["status"] == "cancelled"
+    [error] = raised
+    assert isinstance(error, OpenAIJobCancelled) and "SIGTERM received" in str(error)
+    assert OpenAITrainStage.stop() == 0
+
+
+def test_following_gives_up_on_lasting_errors_and_the_job_goes_on(tmp_path, openai_api):
+    store = ArtifactStore(str(tmp_path / "store"))
+    export = chat_export(tmp_path, store)
+    openai_api.inject("GET", "/fine_tuning/jobs/[^/]+", 503, times=10_000)
+    impatient = cfg(give_up_after_s=0.3).model_copy(update={"max_retries": 0})
+    with pytest.raises(OpenAIBackendError, match="HTTP 503"):
+        run_in_store(OpenAITrainStage(), impatient, [export], store)
+    [job] = openai_api.jobs.values()
+    assert not openai_api.calls("POST", "/fine_tuning/jobs/.*/cancel")  # not ours to stop: the job goes on
+
+    openai_api.faults.clear()
+    art = run_in_store(OpenAITrainStage(), impatient, [export], store)  # the same fingerprint: follows it
+    assert art.read_table().to_pylist()[0]["job_id"] == job["id"] and len(openai_api.jobs) == 1
 
 
 RUN_STAGE = """

@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
@@ -160,6 +161,11 @@ class OpenAITrainStage(Stage):
 
     def bindings(self, cfg: OpenAITrainConfig) -> dict[str, str | None]:
         return {"data": "openai_export"}
+
+    @staticmethod
+    def stop() -> int:
+        """Stop this process's running units: each cancels its job (see stop_followers)."""
+        return stop_followers()
 
     @staticmethod
     def _export(inputs: list[Artifact], cfg: OpenAITrainConfig) -> tuple[Artifact, dict[str, Any], str]:
@@ -366,6 +372,22 @@ def _follower_preexec() -> None:  # in the child, between fork and exec
     die_with_parent(signal.SIGKILL)
 
 
+_LIVE: set[subprocess.Popen] = set()  # this process's followers, for stop_followers
+_LIVE_LOCK = threading.Lock()
+
+
+def stop_followers() -> int:
+    """Ask every follower this process started to stop: each cancels its job, and its stage then fails
+    as cancelled. For an orchestrator whose cancellation does not reach the follower as a signal (see
+    the README: a flow run cancelled in Prefect's UI while `kiln run` runs it in-process); returns how
+    many were asked."""
+    with _LIVE_LOCK:
+        live = [p for p in _LIVE if p.poll() is None]
+    for p in live:
+        p.send_signal(signal.SIGTERM)
+    return len(live)
+
+
 def follow(spec_path: str, out: ArtifactWriter) -> dict[str, Any]:
     """Run the follower to the end, its output into the log and its steps into the unit's progress;
     the outcome event, or the matching exception."""
@@ -380,6 +402,16 @@ def follow(spec_path: str, out: ArtifactWriter) -> dict[str, Any]:
         preexec_fn=_follower_preexec,
         pass_fds=tuple(fd for fd in (out.lock_fd,) if fd is not None),
     )
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    try:
+        return _stream(proc, out)
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+
+
+def _stream(proc: subprocess.Popen, out: ArtifactWriter) -> dict[str, Any]:
     outcome: dict[str, Any] = {}
     tail: list[str] = []
 
