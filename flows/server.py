@@ -659,20 +659,21 @@ def status(target: Target) -> dict[str, Any]:
     return out
 
 
-def backup(target: Target, path: Path) -> int:
-    """pg_dump of Prefect's database into `path` (a running server keeps serving: the dump is one snapshot)."""
+def backup(target: Target, path: Path, database: str = PREFECT_DATABASE) -> int:
+    """pg_dump of Prefect's database (or another on its PostgreSQL) into `path`; a running server keeps
+    serving, the dump is one consistent snapshot."""
     with target.postgres_up():
-        return target.database().dump(Path(path))
+        return target.database(database).dump(Path(path))
 
 
-def restore(target: Target, path: Path, force: bool = False) -> None:
-    """Prefect's database replaced by a dump; refused while a server is using it."""
+def restore(target: Target, path: Path, database: str = PREFECT_DATABASE, force: bool = False) -> None:
+    """A database replaced by a dump; refused while something uses it (for Prefect's: while the server runs)."""
     if not Path(path).is_file():
         raise ServerError(f"{path}: no such backup file")
-    if st := target.running_state():
+    if database == PREFECT_DATABASE and (st := target.running_state()):
         raise ServerError(f"the server of {target.directory} is running (pid {st['pid']}): `kiln server stop` first")
     with target.postgres_up():
-        db = target.database()
+        db = target.database(database)
         db.create()
         if not force and (n := db.other_sessions()):
             raise ServerError(
@@ -779,14 +780,17 @@ def backup_cmd(
     file: Path = typer.Argument(..., help="The dump to write (pg_dump custom format, mode 0600)."),
     data: str = _DATA,
     database_url: str = _URL,
+    database: str = typer.Option(PREFECT_DATABASE, "--database", help="Another database on the same PostgreSQL."),
 ) -> None:
     """pg_dump of the server's database; a running server keeps serving."""
     target = Target.resolve(data, database_url)
     try:
-        size = backup(target, file)
+        size = backup(target, file, database)
     except ServerError as e:
         _fail(e)
-    console.print(f"backed up {target.describe()} to {file} ({size:,} bytes)", markup=False, soft_wrap=True)
+    console.print(
+        f"backed up database {database} of {target.describe()} to {file} ({size:,} bytes)", markup=False, soft_wrap=True
+    )
 
 
 @app.command("restore")
@@ -794,15 +798,16 @@ def restore_cmd(
     file: Path = typer.Argument(..., help="A dump written by `kiln server backup` (or pg_dump -Fc)."),
     data: str = _DATA,
     database_url: str = _URL,
+    database: str = typer.Option(PREFECT_DATABASE, "--database", help="Another database on the same PostgreSQL."),
     force: bool = typer.Option(False, "--force", help="Restore even while other sessions use the database."),
 ) -> None:
     """Replace the server's database with a dump (the server must be stopped)."""
     target = Target.resolve(data, database_url)
     try:
-        restore(target, file, force)
+        restore(target, file, database, force)
     except ServerError as e:
         _fail(e)
-    console.print(f"restored {file} into {target.describe()}", markup=False, soft_wrap=True)
+    console.print(f"restored {file} into database {database} of {target.describe()}", markup=False, soft_wrap=True)
 
 
 @app.command("url")

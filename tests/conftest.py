@@ -57,6 +57,16 @@ def corpus(tmp_path):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A developer's own server settings stay out of the tests: no test may write into their database.
+for _name in (
+    "KILN_SERVER_DATABASE_URL",
+    "KILN_SERVER_DIR",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "PREFECT_SERVER_API_AUTH_STRING",
+    "PREFECT_API_AUTH_STRING",
+):
+    os.environ.pop(_name, None)
+
 
 class RealServer:
     """A Prefect server the tests talk to over loopback: plain HTTP calls, no retries. On PostgreSQL a

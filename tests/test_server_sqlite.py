@@ -23,8 +23,6 @@ def test_a_pipeline_run_is_recorded_on_the_sqlite_default(tmp_path, corpus):
     home = tmp_path / "home"
     home.mkdir()
     env = server_env(str(home))
-    for name in ("PREFECT_API_DATABASE_CONNECTION_URL", "KILN_SERVER_DATABASE_URL"):
-        env.pop(name, None)
     with open(tmp_path / "server.log", "w") as log:
         server = PrefectServer(None, "127.0.0.1", _free_port(), env=env, stdout=log)
     try:
