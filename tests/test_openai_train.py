@@ -165,8 +165,9 @@ def test_rate_limits_and_server_errors_are_retried(tmp_path, openai_api, caplog)
     store = ArtifactStore(str(tmp_path / "store"))
     export = chat_export(tmp_path, store)
     openai_api.inject("POST", "/files", 429, retry_after="1")  # the client waits as it is told
-    openai_api.inject("GET", "/fine_tuning/jobs/[^/]+", 503, times=2)
-    openai_api.inject("GET", "/fine_tuning/jobs/[^/]+/events", 500)
+    openai_api.inject("GET", "/fine_tuning/jobs/[^/]+", 503)  # the client's own backoff
+    openai_api.inject("GET", "/fine_tuning/jobs/[^/]+", 502, retry_after_ms="50")
+    openai_api.inject("GET", "/fine_tuning/jobs/[^/]+/events", 500, retry_after_ms="50")
     openai_api.inject("POST", "/fine_tuning/jobs", 429, retry_after_ms="300")
     art = run_in_store(OpenAITrainStage(), cfg(), [export], store)
     assert art.read_table().to_pylist()[0]["status"] == "succeeded"
@@ -178,7 +179,8 @@ def test_rate_limits_and_server_errors_are_retried(tmp_path, openai_api, caplog)
     first_look, lookup = openai_api.calls("GET", "/fine_tuning/jobs")  # is the job there before trying again?
     create_429, create_ok = openai_api.calls("POST", "/fine_tuning/jobs")
     assert first_look.at < create_429.at < lookup.at < create_ok.at and create_ok.at - create_429.at >= 0.29
-    assert [r.status for r in openai_api.calls("GET", "/fine_tuning/jobs/[^/]+")][:3] == [503, 503, 200]
+    assert [r.status for r in openai_api.calls("GET", "/fine_tuning/jobs/[^/]+")][:3] == [503, 502, 200]
+    assert [r.status for r in openai_api.calls("GET", "/fine_tuning/jobs/[^/]+/events")][:2] == [500, 200]
     assert len(openai_api.jobs) == 1
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "Retrying request in" in logged and "creating the job: HTTP 429" in logged

@@ -1,6 +1,6 @@
 """The follower: the process that drives one OpenAI fine-tuning job for the openai_train stage.
 
-    python -m tasks.openai.follow --spec RUN.json
+    python -P tasks/openai/follow.py --spec RUN.json      (standard library, fsspec and openai only)
 
 It uploads the export's files, creates the job -- or reattaches to the one a killed run started --,
 polls it, prints its events, and on success writes the job record, its events and result files into

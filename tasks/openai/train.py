@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 from tasks.artifacts import Artifact, ArtifactWriter, pick
 from tasks.artifacts.paths import join
 from tasks.stage import Stage, StageConfig, StageInputError
+from tasks.train.launch import die_with_parent
 
 log = logging.getLogger("kiln.openai")
 
@@ -363,9 +364,7 @@ def _redact(text: str) -> str:
     return text.replace(key, "[OPENAI_API_KEY]") if len(key) >= 8 else text
 
 
-def _follower_preexec() -> None:  # in the child, between fork and exec
-    from tasks.train.launch import die_with_parent
-
+def _follower_preexec() -> None:  # in the child, between fork and exec: no imports here (locks held at fork)
     # Same process group as the run (no setsid): a group's SIGTERM or SIGINT -- a Prefect worker
     # cancelling the flow run, Ctrl-C -- reaches the follower, which cancels the job. Killed with its
     # parent it cancels nothing: the job goes on for the rerun.
@@ -391,10 +390,12 @@ def stop_followers() -> int:
 def follow(spec_path: str, out: ArtifactWriter) -> dict[str, Any]:
     """Run the follower to the end, its output into the log and its steps into the unit's progress;
     the outcome event, or the matching exception."""
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # the file itself, not `-m tasks.openai.follow`: it needs nothing of Kiln, so the package's imports (pyarrow,
+    # the stages) are not paid for; -P keeps its folder off sys.path
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "follow.py")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.openai.follow", "--spec", spec_path],
-        cwd=repo_root,
+        [sys.executable, "-P", script, "--spec", spec_path],
+        cwd=os.path.dirname(spec_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
