@@ -239,6 +239,39 @@ def test_preference_export_is_dpo_format_and_rejects_each_broken_rule(tmp_path):
     assert json.loads(reject["meta"])["chosen"].startswith("many words")  # the pair is kept for inspection
 
 
+def test_documents_from_another_producer_never_crash_the_export(tmp_path):
+    from tasks.documents import DOCUMENT_SCHEMA
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    schema = pa.schema([f.with_nullable(True) for f in DOCUMENT_SCHEMA])
+    good = {
+        "sft": {"format": "chat", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    }
+    rows = [
+        {"id": "ok", "text": "q a", "source": "x", "meta": json.dumps(good)},
+        {"id": "not-json", "text": "t", "source": "x", "meta": "{oops"},
+        {"id": "no-meta", "text": "t", "source": "x", "meta": None},
+        {"id": "plain", "text": "t", "source": "x", "meta": json.dumps({"lang_score": 0.9})},
+        {"id": None, "text": "t", "source": "x", "meta": json.dumps(good)},
+        {
+            "id": "alpaca-empty",
+            "text": "t",
+            "source": "x",
+            "meta": json.dumps({"sft": {"instruction": "", "output": "o"}}),
+        },
+    ]
+    docs = write_table(store, "docs", schema, rows)
+    art = run_in_store(OpenAIExportStage(), OpenAIExportConfig(min_examples=1), [docs], store)
+    assert art.stats.rows_in == 6 and art.stats.rows_out == 1
+    assert sorted(art.stats.rejected.items()) == [
+        ("empty_field", 1),
+        ("invalid_meta", 1),
+        ("missing_id", 1),
+        ("missing_sft_fields", 2),
+    ]
+    assert art.manifest["openai"]["problems"] == []
+
+
 def test_validation_split_is_disjoint_deterministic_and_written_apart(tmp_path):
     records = sft_records(40)
     write_jsonl(tmp_path / "sft.jsonl", records)
