@@ -161,6 +161,7 @@ class Follower:
             except openai.NotFoundError:
                 job = None
             if job is not None and job.status not in DEAD:
+                self.job_id = job.id  # from here on, a stop cancels it
                 emit("reattached", job_id=job.id, status=job.status, found_by="state")
                 return job
             if job is not None:
