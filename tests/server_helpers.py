@@ -26,6 +26,19 @@ def wait_run(server, run_id: str, timeout: float = 180) -> dict:
     raise AssertionError(f"flow run {run_id} did not finish: {run['state_type']}")
 
 
+def task_runs(server, run_id: str, timeout: float = 60) -> list[dict]:
+    """The task runs of a finished flow run, once each is recorded in a final state. Task states reach the
+    server as events that a server-side service writes, so the record can trail the flow run's own state
+    (a task still `Running` a moment after its flow run is `Completed`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}}).json()
+        if all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
+            return runs
+        if time.monotonic() > deadline:
+            return runs  # the caller's assertion shows what is unfinished
+        time.sleep(0.25)
+
+
 def task_states(server, run_id: str) -> dict[str, str]:
-    runs = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}}).json()
-    return {r["name"]: r["state"]["name"] for r in runs}
+    return {r["name"]: r["state"]["name"] for r in task_runs(server, run_id)}

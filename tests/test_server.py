@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, _stop, write_jsonl
-from server_helpers import deployment, small_config, task_states, wait_run
+from server_helpers import deployment, small_config, task_runs, task_states, wait_run
 
 pytestmark = pytest.mark.slow
 
@@ -274,9 +274,8 @@ def test_retry_of_a_run_failed_in_a_middle_stage_reruns_only_that_stage_onward(p
             break
         time.sleep(0.5)
     assert again["state_type"] == "COMPLETED", again["state"]
-    runs = prefect_server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
     by_name: dict[str, list[str]] = {}
-    for t in runs:
+    for t in task_runs(prefect_server, run["id"]):
         by_name.setdefault(t["name"], []).append(t["state"]["name"])
     assert "Cached" in by_name["ingest"]  # finished before the failure: not recomputed
     assert by_name["ingest[0]"] == ["Completed"]  # its unit ran once, in the first attempt only

@@ -7,14 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import httpx
 import pytest
 import yaml
 
 from flows.server import PrefectServer
 
-from conftest import REPO, _free_port, client_env, server_env
-from server_helpers import small_config
+from conftest import REPO, RealServer, _free_port, client_env, server_env
+from server_helpers import small_config, task_states
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +37,10 @@ def test_a_pipeline_run_is_recorded_on_the_sqlite_default(tmp_path, corpus):
             timeout=300,
         )
         assert r.returncode == 0, r.stdout + r.stderr
-        runs = httpx.post(f"{server.api_url}/flow_runs/filter", json={}, timeout=30).json()
+        api = RealServer(server.url, env, str(home), log=str(tmp_path / "server.log"))
+        runs = api.post("/flow_runs/filter").json()
         assert [run["state_type"] for run in runs] == ["COMPLETED"]
-        tasks = httpx.post(
-            f"{server.api_url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [runs[0]["id"]]}}}, timeout=30
-        ).json()
-        assert {t["name"]: t["state_type"] for t in tasks}["ingest"] == "COMPLETED"
+        assert task_states(api, runs[0]["id"])["ingest"] == "Completed"
         assert (home / "prefect.db").stat().st_size > 0  # Prefect's default: SQLite in PREFECT_HOME
     finally:
         server.stop()
