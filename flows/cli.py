@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.runtime import prefect_defaults
@@ -29,7 +30,8 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold [brackets] (a list of names, a path) that rich would read as markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -107,9 +109,9 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
             f"{st['rows_rejected']:,}",
             f"{a.manifest.get('wall_seconds', st['seconds']):.2f}",
         )
-        notes.append(f"[bold]{name}[/]: {a.path}")
+        notes.append(f"[bold]{escape(name)}[/]: {escape(a.path)}")
         if st["rejected"]:
-            notes.append("  rejected by reason: " + ", ".join(f"{k} {v:,}" for k, v in st["rejected"].items()))
+            notes.append("  rejected by reason: " + escape(", ".join(f"{k} {v:,}" for k, v in st["rejected"].items())))
         extra = st.get("extra", {})
         if extra.get("final_validation_loss") is not None:
             scores = ", ".join(
@@ -125,7 +127,7 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
             notes.append(
                 f"  {extra['steps']} steps, {extra['tokens_trained']:,} tokens; validation loss "
                 f"{extra['first_validation_loss']:.3f} -> {extra['final_validation_loss']:.3f} ({scores}){best}; "
-                f"report: {os.path.join(a.path, 'report.md')}"
+                f"report: {escape(os.path.join(a.path, 'report.md'))}"
             )
     console.print(table)
     for line in notes:
@@ -208,7 +210,7 @@ def inspect(
         f"[bold]{m['stage']}[/] v{m['stage_version']}  fingerprint [cyan]{m['fingerprint']}[/]  "
         f"created {m['created_at']}"
     )
-    console.print(f"path: {art.path}")
+    console.print(f"path: {art.path}", markup=False)
     console.print(
         f"rows: {m['rows']:,} in {len(m['shards'])} shard(s), {_human(m['bytes'])} (arrow); "
         f"rejects: {m['rejects_rows']:,}"
@@ -217,14 +219,14 @@ def inspect(
     if others:
         console.print("other tables: " + ", ".join(others))
     for i in m.get("inputs", []):
-        console.print(f"input: {i['stage']} {i['fingerprint']}  {i['path']}")
+        console.print(f"input: {i['stage']} {i['fingerprint']}  {i['path']}", markup=False)
     if m.get("sources"):
         console.print(f"sources: {len(m['sources'])} file(s)")
     reused = [u for u in m.get("unit_results", ()) if u.get("reused_from")]
     if reused:
         origins = sorted({u["reused_from"] for u in reused})
         console.print(f"units copied from earlier artifacts: {len(reused)} of {m['units']} (from {', '.join(origins)})")
-    console.print("config: " + json.dumps(m["config"], sort_keys=True))
+    console.print("config: " + json.dumps(m["config"], sort_keys=True), markup=False)
     stats = Table(title="stats", title_justify="left")
     stats.add_column("metric")
     stats.add_column("value", justify="right")
@@ -292,7 +294,7 @@ def gc(
                 continue
             freed += _du(store, path)
             removed += 1
-            console.print(f"{'would remove' if dry_run else 'removed'} {path}")
+            console.print(f"{'would remove' if dry_run else 'removed'} {path}", markup=False)
             if not dry_run:
                 store.remove(path)
         for path in store.leftovers():
@@ -300,7 +302,7 @@ def gc(
                 continue
             freed += _du(store, path)
             removed += 1
-            console.print(f"{'would remove' if dry_run else 'removed'} unfinished {path}")
+            console.print(f"{'would remove' if dry_run else 'removed'} unfinished {path}", markup=False)
             if not dry_run:
                 store.remove(path)
     verb = "would free" if dry_run else "freed"

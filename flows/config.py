@@ -25,7 +25,13 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.table import KIND_BY_NAME, SECTION_KINDS
+from tasks.table import KIND_BY_NAME, MACROS, SECTION_KINDS
+
+# what a section of another name may be: a stage kind, or a macro (a kind that expands into stages)
+INSTANCE_KINDS: dict[str, Any] = {
+    **{k.name: k.stage.Config for k in SECTION_KINDS},
+    **{m.name: m.Config for m in MACROS},
+}
 
 SECTION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -62,17 +68,17 @@ class RuntimeConfig(BaseModel):
 
 def _section_kind(value: Any) -> str | None:
     kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
-    return kind if kind in KIND_BY_NAME and KIND_BY_NAME[kind].has_section else None
+    return kind if kind in INSTANCE_KINDS else None
 
 
 # A section whose name is not a kind's: validated as the kind its `kind:` names.
 InstanceSection = Annotated[
-    Union[tuple(Annotated[k.stage.Config, Tag(k.name)] for k in SECTION_KINDS)],  # noqa: UP007
+    Union[tuple(Annotated[config, Tag(name)] for name, config in INSTANCE_KINDS.items())],  # noqa: UP007
     Discriminator(
         _section_kind,
         custom_error_type="section_kind",
         custom_error_message="unknown field: not a stage kind's section, and no `kind:` naming one "
-        f"({', '.join(k.name for k in SECTION_KINDS)}); check its spelling and indentation",
+        f"({', '.join(INSTANCE_KINDS)}); check its spelling and indentation",
     ),
 ]
 
@@ -94,7 +100,7 @@ def _instances_schema(schema: dict[str, Any]) -> None:
         "type": "object",
         "description": "Another instance of a stage kind: `kind:` names it, the rest is that kind's settings.",
         "required": ["kind"],
-        "properties": {"kind": {"enum": [k.name for k in SECTION_KINDS]}},
+        "properties": {"kind": {"enum": list(INSTANCE_KINDS)}},
     }
 
 
@@ -140,7 +146,7 @@ class ConfigError(ValueError):
 
 def _loc(loc: tuple[Any, ...]) -> str:
     # An instance section's errors carry the kind as a tag after the section name: drop it.
-    if len(loc) > 1 and isinstance(loc[0], str) and loc[0] not in KIND_BY_NAME and loc[1] in KIND_BY_NAME:
+    if len(loc) > 1 and isinstance(loc[0], str) and loc[0] not in KIND_BY_NAME and loc[1] in INSTANCE_KINDS:
         loc = (loc[0], *loc[2:])
     out = ""
     for part in loc:

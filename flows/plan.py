@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from flows.config import ConfigError, PipelineConfig
 from tasks.artifacts import ArtifactStore
 from tasks.stage import Stage, StageConfig, StageInputError
-from tasks.table import KIND_BY_NAME, KINDS, kind, steps_of
+from tasks.table import KIND_BY_NAME, KINDS, MACRO_BY_NAME, kind, steps_of
 
 
 @dataclass
@@ -37,21 +37,28 @@ def store_for(config: PipelineConfig) -> ArtifactStore:
     return ArtifactStore(config.store.root, config.store.shard_rows, config.store.shard_mb << 20)
 
 
-def _ordered_sections(config: PipelineConfig) -> list[tuple[str, str, StageConfig]]:
-    """(section, kind, config) of the enabled sections: by the table's order of kinds, then as written."""
+def _ordered_sections(config: PipelineConfig, source: str) -> list[tuple[str, str, StageConfig]]:
+    """(section, kind, config) of the enabled sections, macros expanded into their sections: by the
+    table's order of kinds, then as written."""
     position = {k.name: i for i, k in enumerate(KINDS)}
     found = []
     for order, (name, cfg) in enumerate(config.sections()):
         if cfg is None or not cfg.enabled:
             continue
         kind_name = config.section_kind(name)
+        if kind_name in MACRO_BY_NAME:
+            for j, (sub, sub_kind, sub_cfg) in enumerate(MACRO_BY_NAME[kind_name].expand(name, cfg)):
+                if config.section(sub) is not None:
+                    raise ConfigError(f"{source}: {name} expands into a section {sub!r}, which the config has too")
+                found.append((position[sub_kind], order + j / 1000, sub, sub_kind, sub_cfg))
+            continue
         found.append((position[kind_name], order, name, kind_name, cfg))
     return [(name, k, cfg) for _, _, name, k, cfg in sorted(found)]
 
 
 def plan_pipeline(config: PipelineConfig, source: str = "config") -> list[PlannedStage]:
     store = store_for(config)
-    sections = _ordered_sections(config)
+    sections = _ordered_sections(config, source)
     section_names = {name for name, _, _ in sections}
     main_step = {name: name for name in section_names}  # section -> the planned name of its own stage
 
@@ -68,31 +75,37 @@ def plan_pipeline(config: PipelineConfig, source: str = "config") -> list[Planne
         for step in steps:
             stage = step.stage()
             bound = {**stage.bindings(cfg), **cfg.inputs}
-            unknown = sorted(set(cfg.inputs) - {r.rstrip("?") for s in steps for r in s.reads})
+            known = {r.rstrip("?*") for s in steps for r in s.reads}
+            unknown = sorted(set(cfg.inputs) - known)
             if unknown:
                 raise ConfigError(
                     f"{source}: {section}.inputs: {', '.join(unknown)} is not an input of {kind_name} "
-                    f"(its inputs: {', '.join(sorted({r.rstrip('?') for s in steps for r in s.reads}))})"
+                    f"(its inputs: {', '.join(sorted(known))})"
                 )
             inputs, slots = [], []
             for want in step.reads:
-                optional = want.endswith("?")
-                slot = want.rstrip("?")
+                optional = want.endswith(("?", "*"))
+                slot = want.rstrip("?*")
                 where = f"{section}.inputs.{slot}" if slot in cfg.inputs else section
                 if slot in names and slot not in cfg.inputs:  # a sibling phase of the same section
                     inputs.append(names[slot])
                     slots.append(slot)
                 elif slot in bound:  # wired by the section's `inputs:` or by the stage from its config
-                    target = bound[slot]
-                    if target is None:
+                    targets = bound[slot]
+                    if targets is None:
                         continue  # not read
-                    if target not in section_names:
-                        raise ConfigError(
-                            f"{source}: {where}: {names[step.name]} reads the output of {target!r}: "
-                            f"configure and enable a section named {target}"
-                        )
-                    inputs.append(target)  # resolved to the section's own stage below
-                    slots.append(slot)
+                    if isinstance(targets, str):
+                        targets = [targets]
+                    elif not want.endswith("*"):
+                        raise ConfigError(f"{source}: {where}: {slot} is one input, not a list")
+                    for target in targets:
+                        if target not in section_names:
+                            raise ConfigError(
+                                f"{source}: {where}: {names[step.name]} reads the output of {target!r}: "
+                                f"configure and enable a section named {target}"
+                            )
+                        inputs.append(target)  # resolved to the section's own stage below
+                        slots.append(slot)
                 elif slot == "docs":
                     if not documents:
                         if optional:

@@ -49,7 +49,7 @@ class StageConfig(BaseModel):
         description="The stage kind of a section whose name is not a kind's name: a pipeline can hold "
         "several instances of a kind, e.g. `sft: {kind: train, ...}` beside `train:`.",
     )
-    inputs: dict[str, str | None] = Field(
+    inputs: dict[str, str | list[str] | None] = Field(
         default_factory=dict,
         description="Which section fills each of this stage's inputs, where not the default, e.g. "
         "{data: sft_pack} or {docs: labelled}; null: the input is not read. `kiln stages CONFIG` shows every "
@@ -339,8 +339,10 @@ def _run_units_in_processes(
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per worker process
     try:
-        # fork where it is safe (Linux): the workers start with the stage's modules already imported
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        # fork where it is safe (Linux, and no torch loaded: its OpenMP pool does not survive a fork, a forked
+        # worker hangs): the workers then start with the stage's modules already imported
+        safe = sys.platform.startswith("linux") and "torch" not in sys.modules
+        ctx = multiprocessing.get_context("fork" if safe else "spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(units)), mp_context=ctx) as pool:
             futures = [
                 pool.submit(

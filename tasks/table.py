@@ -11,7 +11,8 @@ under tasks/ and one line below (docs/architecture.md walks through it).
           of every enabled `source` (their shards are read together);
 - `NAME`  the section called NAME (by default; a section rewires a slot with `inputs: {NAME: other}`,
           and a stage may wire a slot from its own config, see Stage.bindings);
-- `NAME?` the same, read when that section is enabled and skipped otherwise.
+- `NAME?` the same, read when that section is enabled and skipped otherwise;
+- `NAME*` any number of sections, listed in `inputs: {NAME: [a, b, ...]}`.
 
 Roles: `source` (documents from outside the store), `filter` (documents in, documents out), `step`
 (a phase configured by another kind's section: `configured_by`), and what the rest produce: `records`,
@@ -20,7 +21,9 @@ Roles: `source` (documents from outside the store), `filter` (documents in, docu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tasks.classify import ClassifyIngestStage, ClassifyTokenizeStage
 from tasks.clean import CleanStage
@@ -30,7 +33,16 @@ from tasks.ingest import IngestStage, SftIngestStage
 from tasks.langid import LangIdStage
 from tasks.openai import OpenAIExportStage, OpenAITrainStage
 from tasks.pack import PackStage
-from tasks.stage import Stage
+from tasks.prefs import (
+    GenerateStage,
+    PairsStage,
+    PrefIngestStage,
+    PrefTokenizeStage,
+    PromptsStage,
+    ScoreStage,
+)
+from tasks.prefs.loop import PreferenceLoopConfig, PrefReportStage, expand
+from tasks.stage import Stage, StageConfig
 from tasks.tokenize import SftTokenizeStage, TokenizerStage, TokenizeStage
 from tasks.train.stage import TrainStage
 
@@ -49,89 +61,63 @@ class Kind:
         return self.configured_by is None
 
 
+# One line a kind, in pipeline order (the planner's order where the graph leaves a choice).
+# fmt: off
 KINDS: tuple[Kind, ...] = (
-    Kind(
-        "crawl",
-        CrawlStage,
-        "source",
-        (),
-        summary="Crawl web sites, read WARC files (Common Crawl) and source code trees into documents.",
-    ),
+    # documents
+    Kind("crawl", CrawlStage, "source", (), summary="Crawl web sites, WARC files and source code trees into documents."),
     Kind("ingest", IngestStage, "source", (), summary="Read local files / datasets into documents."),
     Kind("clean", CleanStage, "filter", ("docs",), summary="Quality, repetition and length filters; normalisation."),
     Kind("minhash", MinHashStage, "step", ("docs",), configured_by="dedup"),
     Kind("dedup_candidates", DedupCandidatesStage, "step", ("minhash",), configured_by="dedup"),
     Kind("dedup_clusters", DedupClustersStage, "step", ("dedup_candidates", "docs"), configured_by="dedup"),
-    Kind(
-        "dedup", DedupStage, "filter", ("docs", "dedup_clusters"), summary="Exact and MinHash near-duplicate removal."
-    ),
+    Kind("dedup", DedupStage, "filter", ("docs", "dedup_clusters"), summary="Exact and MinHash near-duplicate removal."),
     Kind("langid", LangIdStage, "filter", ("docs",), summary="fastText language identification and filtering."),
-    Kind(
-        "sft_ingest",
-        SftIngestStage,
-        "records",
-        (),
-        summary="Read instruction data (Alpaca / chat) into documents (not part of the pretraining documents).",
-    ),
-    Kind(
-        "tokenizer",
-        TokenizerStage,
-        "tokenizer",
-        ("docs?",),
-        summary="Train a byte-level BPE on the documents, or load one.",
-    ),
+    # token ids and datasets
+    Kind("sft_ingest", SftIngestStage, "records", (), summary="Read instruction data (Alpaca / chat) into documents."),
+    Kind("tokenizer", TokenizerStage, "tokenizer", ("docs?",), summary="Train a byte-level BPE on the documents, or load one."),
     Kind("tokenize", TokenizeStage, "tokens", ("docs", "tokenizer"), summary="Documents -> token ids."),
-    Kind(
-        "sft_tokenize",
-        SftTokenizeStage,
-        "tokens",
-        ("sft_ingest", "tokenizer"),
-        summary="Instruction examples -> token ids, prompts masked.",
-    ),
-    Kind(
-        "pack",
-        PackStage,
-        "dataset",
-        ("tokenize?", "sft_tokenize?"),
-        summary="Token ids -> fixed-length training rows, train/validation split.",
-    ),
-    Kind(
-        "classify_ingest",
-        ClassifyIngestStage,
-        "records",
-        (),
-        summary="Read labelled records (text + label; JSONL, CSV, Parquet, HF datasets) for a classifier.",
-    ),
-    Kind(
-        "classify_tokenize",
-        ClassifyTokenizeStage,
-        "dataset",
-        ("docs", "tokenizer"),
-        summary="Labelled documents -> token ids and label ids, train/validation split (a classifier's dataset).",
-    ),
-    Kind(
-        "train",
-        TrainStage,
-        "model",
-        ("data", "tokenizer?", "model?"),
-        summary="DeepSpeed training (causal LM, SFT, classification) on a dataset artifact.",
-    ),
-    Kind(
-        "openai_export",
-        OpenAIExportStage,
-        "dataset",
-        ("data",),
-        summary="Instruction examples or preference pairs -> OpenAI fine-tuning JSONL (chat / DPO), checked, "
-        "with billed-token estimates.",
-    ),
-    Kind(
-        "openai_train",
-        OpenAITrainStage,
-        "model",
-        ("data",),
-        summary="Fine-tune a model through OpenAI's API on an openai_export artifact; follows the job.",
+    Kind("sft_tokenize", SftTokenizeStage, "tokens", ("sft_ingest", "tokenizer"), summary="Instruction examples -> token ids, prompts masked."),
+    Kind("pack", PackStage, "dataset", ("tokenize?", "sft_tokenize?"), summary="Token ids -> fixed-length training rows, train/validation split."),
+    Kind("classify_ingest", ClassifyIngestStage, "records", (), summary="Read labelled records (text + label) for a classifier."),
+    Kind("classify_tokenize", ClassifyTokenizeStage, "dataset", ("docs", "tokenizer"), summary="Labelled documents -> token ids and label ids, train/validation."),
+    # preference data
+    Kind("prompts", PromptsStage, "records", (), summary="Read prompts (instruction / chat records, a prompt field, one per line)."),
+    Kind("pref_ingest", PrefIngestStage, "pairs", (), summary="Read preference datasets (prompt, chosen, rejected; UltraFeedback, HH)."),
+    Kind("generate", GenerateStage, "candidates", ("prompts", "model?"), summary="Sample K candidate replies per prompt from a model."),
+    Kind("score", ScoreStage, "candidates", ("candidates", "reward_model?"), summary="A reward per candidate: a reward model, a function or a rule."),
+    Kind("pairs", PairsStage, "pairs", ("scored",), summary="Best against worst reply per prompt: preference pairs."),
+    Kind("pref_tokenize", PrefTokenizeStage, "dataset", ("pairs", "tokenizer"), summary="Preference pairs -> token ids, prompt masked, train/validation."),
+    Kind("pref_report", PrefReportStage, "report", ("scores*", "pairs*"), summary="Mean scores round by round, sample pairs."),
+    # models
+    Kind("train", TrainStage, "model", ("data", "tokenizer?", "model?"), summary="DeepSpeed training: causal LM, SFT, classification, SimPO, DPO."),
+    # fine-tuning through OpenAI's API
+    Kind("openai_export", OpenAIExportStage, "dataset", ("data",), summary="Instruction examples or preference pairs -> OpenAI fine-tuning JSONL (chat / DPO), checked, with billed-token estimates."),
+    Kind("openai_train", OpenAITrainStage, "model", ("data",), summary="Fine-tune a model through OpenAI's API on an openai_export artifact; follows the job."),
+)
+# fmt: on
+
+
+@dataclass(frozen=True)
+class Macro:
+    """A section kind that stands for several stages: its config expands into sections of stage kinds
+    (the preference loop: `rounds` x generate -> score -> pairs -> pref_tokenize -> train)."""
+
+    name: str
+    Config: type[StageConfig]
+    expand: Callable[[str, Any], list[tuple[str, str, StageConfig]]]
+    summary: str = ""
+
+
+MACROS: tuple[Macro, ...] = (
+    Macro(
+        "preference",
+        PreferenceLoopConfig,
+        expand,
+        summary="The SimPO / DPO loop: rounds of generate, score, pairs, pref_tokenize, train, and a report.",
     ),
 )
+MACRO_BY_NAME: dict[str, Macro] = {m.name: m for m in MACROS}
 
 KIND_BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS}
 SECTION_KINDS: tuple[Kind, ...] = tuple(k for k in KINDS if k.has_section)

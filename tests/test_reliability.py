@@ -140,7 +140,7 @@ def test_a_failing_stage_names_its_section_and_field(tmp_path):
         {
             "store": {"root": str(tmp_path / "store")},
             "ingest": {"paths": [write_jsonl(tmp_path / "c.jsonl", _docs(5))]},
-            "tokenizer": {"path": str(broken)},
+            "tokenizer": {"path": str(broken), "retries": 0},
         }
     )
     with pytest.raises(StageInputError, match="^tokenizer.path: cannot load a tokenizer from"):

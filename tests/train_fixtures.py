@@ -74,3 +74,53 @@ def make_packed(directory: str, tokenizer_dir: str, seq_len: int = 64, fp: str =
     os.makedirs(directory, exist_ok=True)
     dd.save_to_disk(os.path.join(directory, "hf"))
     return _as_artifact(directory, "pack", fp)
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,?!"
+
+
+def make_char_policy(directory: str, seed: int = 0, hidden: int = 64) -> str:
+    """A tiny random Llama over a character-level vocabulary (the letters, space and punctuation), saved
+    with its tokenizer: a policy whose replies a rule can score letter by letter."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    os.makedirs(directory, exist_ok=True)
+    fast.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        max_position_embeddings=512,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def write_prompts(path: str, n: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    verbs = ["tell me", "write", "say", "describe", "name", "list", "show", "give me"]
+    things = ["a story", "the sky", "some words", "a poem", "your day", "the sea", "a song", "a plan"]
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(f"{rng.choice(verbs)} {rng.choice(things)} {i}\n")
+    return path

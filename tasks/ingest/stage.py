@@ -151,13 +151,15 @@ def resolve_inputs(cfg: IngestConfig) -> list[dict[str, Any]]:
 class RecordEmitter:
     """Turns records into documents or rejects with a reason, batching documents into the writer.
     A stage that reads other kinds of records (instruction examples, labelled text) subclasses it and
-    overrides `record`."""
+    overrides `record` (and `schema`, for rows that are not documents)."""
+
+    schema = DOCUMENT_SCHEMA
 
     def __init__(self, cfg: IngestConfig, out: ArtifactWriter, label: str):
         self.cfg = cfg
         self.out = out
         self.label = label
-        self.docs = DocumentBatcher(DOCUMENT_SCHEMA, cfg.batch_rows)
+        self.docs = DocumentBatcher(self.schema, cfg.batch_rows)
 
     def reject(self, reason: str, detail: str, text: str | None, where: dict[str, Any], **fields: Any) -> None:
         self.out.stats.rows_in += 1

@@ -72,10 +72,23 @@ def local_directory(url: str) -> str:
         return _LOCAL_COPIES[url]
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def from_transformers(*names: str) -> tuple[Any, ...]:
+    """Names from transformers, imported under a lock: its lazy module is not safe to import from two
+    threads at once (units of a stage share a worker process), and a race fails one of them with
+    `cannot import name ...`."""
+    with _IMPORT_LOCK:
+        import transformers
+
+        return tuple(getattr(transformers, n) for n in names)
+
+
 def load_tokenizer(path: str, field: str) -> Any:
     """A transformers fast tokenizer from a local directory, never from the hub. Cached per process:
     the files' sizes and mtimes are part of the key, so a tokenizer rewritten in place is reloaded."""
-    from transformers import AutoTokenizer
+    (AutoTokenizer,) = from_transformers("AutoTokenizer")
 
     if not os.path.isdir(path):
         raise StageInputError(field, f"no such tokenizer directory: {path!r}")

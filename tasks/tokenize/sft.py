@@ -58,7 +58,7 @@ def _text_field(rec: dict[str, Any], name: str, required: bool) -> str:
     return value
 
 
-def _messages(value: Any, name: str) -> list[dict[str, str]]:
+def validate_messages(value: Any, name: str) -> list[dict[str, str]]:
     if not isinstance(value, list):
         raise SftRecordError("bad_messages", f"{name!r} is a {type(value).__name__}, not a list of turns")
     if not value:
@@ -94,7 +94,7 @@ def normalize_sft_record(rec: Any, fields: SftFields = SftFields()) -> dict[str,
     if not isinstance(rec, dict):
         raise SftRecordError("not_an_object", f"record is a {type(rec).__name__}")
     if rec.get(fields.messages) is not None:
-        return {"format": "chat", "messages": _messages(rec[fields.messages], fields.messages)}
+        return {"format": "chat", "messages": validate_messages(rec[fields.messages], fields.messages)}
     if fields.instruction in rec or fields.output in rec:
         return {
             "format": "alpaca",
@@ -146,6 +146,19 @@ def render_alpaca(example: dict[str, Any], eos_token: str) -> tuple[str, list[tu
             text += turn["content"] + eos_token
             spans.append((start, len(text)))
     return text, spans
+
+
+def render_prompt(messages: list[dict[str, str]], tokenizer: Any, template: str = "auto") -> str:
+    """The text a model continues to reply to a conversation that ends with a user turn: the chat
+    template with its generation prompt, or the Alpaca prompt (`template`: auto picks the chat
+    template when the tokenizer has one). The same text generation and preference training use."""
+    if template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None)):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:
+            raise SftRecordError("chat_template_error", f"{type(e).__name__}: {e}") from e
+    text, _ = render_alpaca({"format": "chat", "messages": messages}, tokenizer.eos_token or "")
+    return text
 
 
 def render_chat_template(example: dict[str, Any], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:

@@ -116,6 +116,32 @@ class LaunchConfig(_Section):
     )
 
 
+class PreferenceConfig(_Section):
+    """SimPO and DPO settings (objective simpo / dpo)."""
+
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="The scale of the log-probability difference. Default: 2.0 for SimPO (its paper's "
+        "range is 2-10), 0.1 for DPO.",
+    )
+    gamma: float | None = Field(
+        None, ge=0, description="SimPO's target margin gamma; default: 0.5 * beta (the official gamma/beta ratio)."
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="SimPO: weight of an NLL term on the chosen reply (CPO's alpha). 0: the pure SimPO loss."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed share of flipped preferences (conservative DPO / smoothed SimPO)."
+    )
+
+    def resolved_beta(self, objective: str) -> float:
+        return self.beta if self.beta is not None else (2.0 if objective == "simpo" else 0.1)
+
+    def resolved_gamma(self) -> float:
+        return self.gamma if self.gamma is not None else 0.5 * self.resolved_beta("simpo")
+
+
 class TrainConfig(StageConfig):
     """One training run over a dataset artifact (pack's, or classify_tokenize's for classification)."""
 
@@ -127,11 +153,12 @@ class TrainConfig(StageConfig):
         "tensorboard",
     }
 
-    objective: Literal["causal_lm", "sft", "classification"] = Field(
+    objective: Literal["causal_lm", "sft", "classification", "simpo", "dpo"] = Field(
         "causal_lm",
         description="causal_lm: next-token loss on packed documents. sft: the same loss, where the pack stage "
         "masked prompt tokens out of the labels. classification: a sequence classifier "
-        "(AutoModelForSequenceClassification) on classify_tokenize's dataset, judged by accuracy and macro-F1.",
+        "(AutoModelForSequenceClassification) on classify_tokenize's dataset, judged by accuracy and macro-F1. "
+        "simpo / dpo: preference optimisation on pref_tokenize's pairs (see `preference`).",
     )
     model: ModelConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -139,6 +166,7 @@ class TrainConfig(StageConfig):
     deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     seq_len: int | None = Field(None, ge=8, description="Expected sequence length; a dataset that differs is refused.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per micro step.")

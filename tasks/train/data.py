@@ -103,3 +103,38 @@ class LabelledRows:
         if valid is not None:
             labels = labels.masked_fill(~valid, IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class PreferenceRows:
+    """A preference split (pref_tokenize's output): per pair a chosen and a rejected sequence, each with
+    its labels (the prompt masked). A batch of B pairs is 2B rows, the chosen ones first, right-padded to
+    the longest; `ref` holds reference log-probabilities per pair when an objective computed them."""
+
+    def __init__(self, split, pad_id: int):
+        need = {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
+        if not need <= set(split.column_names):
+            raise ValueError("the dataset has no chosen / rejected columns: is it pref_tokenize's output?")
+        cols = {c: [np.asarray(r, dtype=np.int64) for r in split[c]] for c in need}
+        self.chosen = list(zip(cols["chosen_input_ids"], cols["chosen_labels"]))
+        self.rejected = list(zip(cols["rejected_input_ids"], cols["rejected_labels"]))
+        self.n = len(self.chosen)
+        self.pad_id = pad_id
+        self.seq_len = max((len(ids) for ids, _ in self.chosen + self.rejected), default=0)
+        self.ref: torch.Tensor | None = None  # (n, 2): reference log-probs of (chosen, rejected)
+
+    def batch(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        pairs = idx.tolist()
+        seqs = [self.chosen[i] for i in pairs] + [self.rejected[i] for i in pairs]
+        width = max(len(ids) for ids, _ in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, (x, y) in enumerate(seqs):
+            ids[j, : len(x)] = torch.from_numpy(x)
+            labels[j, : len(y)] = torch.from_numpy(y)
+            mask[j, : len(x)] = 1
+        ok = torch.ones(len(pairs), dtype=torch.bool) if valid is None else valid.clone()
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "valid": ok}
+        if self.ref is not None:
+            out["ref_chosen"], out["ref_rejected"] = self.ref[idx, 0], self.ref[idx, 1]
+        return out

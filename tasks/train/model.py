@@ -3,7 +3,21 @@ training run's export; dropout where the model has it; the PEFT method around it
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+
+def model_identity(path: str | None) -> Any:
+    """What a local model directory's content is, for a fingerprint: its files and their sizes (a hub
+    name is its own identity: None here)."""
+    if path and os.path.isdir(path):
+        return sorted(
+            (os.path.relpath(os.path.join(r, n), path), os.path.getsize(os.path.join(r, n)))
+            for r, _, files in os.walk(path)
+            for n in files
+        )
+    return None
+
 
 # config attribute names model families use for each kind of dropout
 DROPOUT_NAMES = {

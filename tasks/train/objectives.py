@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from tasks.train.data import IGNORE_INDEX, LabelledRows, PackedRows
+from tasks.train.data import IGNORE_INDEX, LabelledRows, PackedRows, PreferenceRows, full_pass
 
 
 class Objective:
@@ -45,6 +45,10 @@ class Objective:
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].numel())
+
+    def prepare(self, recipe: Any) -> None:
+        """Called once the engine holds the starting weights, before a checkpoint is loaded into it (DPO
+        computes its reference log-probabilities here). Default: nothing."""
 
 
 class CausalLM(Objective):
@@ -137,6 +141,170 @@ class Classification(Objective):
         )
 
 
+class _Preference(Objective):
+    """Shared by the preference objectives: log-probabilities of whole replies under the model."""
+
+    def rows(self, split: Any) -> PreferenceRows:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return PreferenceRows(split, 0 if pad is None else pad)
+
+    @staticmethod
+    def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the reply tokens' log-probabilities, number of reply tokens) per row."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        token_logps = -F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        n = (labels != IGNORE_INDEX).sum(-1)
+        return token_logps.sum(-1), n
+
+    @property
+    def pref(self) -> Any:
+        return self.cfg.preference
+
+    def pair_terms(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, model, batch):
+        t = self.pair_terms(model, batch)
+        return t["losses"].mean(), {
+            k: t[k].detach().double().mean() for k in ("margin", "accuracy", "chosen_logps", "rejected_logps")
+        }
+
+    def eval_sums(self, model, batch):
+        t = self.pair_terms(model, batch)
+        v = batch["valid"].double()
+        sums = {
+            k: (t[k].detach().double() * v).sum()
+            for k in ("losses", "margin", "accuracy", "chosen_logps", "rejected_logps")
+        }
+        return {**sums, "pairs": v.sum()}
+
+    def eval_metrics(self, sums):
+        n = sums["pairs"].clamp(min=1)
+        return {
+            "loss": float(sums["losses"] / n),
+            "margin": float(sums["margin"] / n),
+            "accuracy": float(sums["accuracy"] / n),
+            "chosen_logps": float(sums["chosen_logps"] / n),
+            "rejected_logps": float(sums["rejected_logps"] / n),
+        }
+
+    def tokens(self, batch):
+        return int(batch["attention_mask"].sum())
+
+
+def simpo_loss(
+    avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float, gamma: float, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """SimPO (Meng et al. 2024): -log sigmoid(beta * (mean log p(chosen) - mean log p(rejected)) - gamma),
+    the log-probabilities averaged over the reply's tokens; no reference model."""
+    x = beta * (avg_chosen - avg_rejected) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+
+
+def dpo_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((log p - log p_ref)(chosen) - (log p - log p_ref)(rejected))),
+    summed log-probabilities; with label smoothing, the conservative DPO of Mitchell (2023)."""
+    x = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+
+
+class SimPO(_Preference):
+    name = "simpo"
+
+    def pair_terms(self, model, batch):
+        s, n = self.sequence_logps(model, batch)
+        b = len(s) // 2
+        avg = s / n.clamp(min=1)
+        c, r = avg[:b], avg[b:]
+        beta, gamma = self.pref.resolved_beta("simpo"), self.pref.resolved_gamma()
+        losses = simpo_loss(c, r, beta, gamma, self.pref.label_smoothing)
+        if self.pref.sft_weight:  # the chosen reply's NLL per token: CPO's term, off unless asked
+            losses = losses - self.pref.sft_weight * c
+        return {
+            "losses": losses,
+            "margin": beta * (c - r),
+            "accuracy": (c > r).double(),
+            "chosen_logps": c,
+            "rejected_logps": r,
+        }
+
+
+class DPO(_Preference):
+    """The reference is the starting model: its log-probabilities of every pair are computed once, before
+    the first step, and kept beside the checkpoints (a resumed run reads them back). Under LoRA the
+    starting model is the base model with the adapter at zero, so this is the adapter-disabled model."""
+
+    name = "dpo"
+    REFERENCE_FILE = "reference_logps.safetensors"
+
+    def pair_terms(self, model, batch):
+        s, _ = self.sequence_logps(model, batch)
+        b = len(s) // 2
+        c, r = s[:b], s[b:]
+        if "ref_chosen" not in batch:
+            raise RuntimeError("DPO needs the reference log-probabilities (prepare was not run)")
+        beta = self.pref.resolved_beta("dpo")
+        ref_c, ref_r = batch["ref_chosen"].to(c.dtype), batch["ref_rejected"].to(c.dtype)
+        losses = dpo_loss(c, r, ref_c, ref_r, beta, self.pref.label_smoothing)
+        rc, rr = beta * (c - ref_c), beta * (r - ref_r)
+        return {
+            "losses": losses,
+            "margin": rc - rr,
+            "accuracy": (rc > rr).double(),
+            "chosen_logps": c,
+            "rejected_logps": r,
+        }
+
+    def prepare(self, recipe: Any) -> None:
+        import os
+
+        import torch.distributed as dist
+        from safetensors.torch import load_file, save_file
+
+        path = os.path.join(recipe.ckpt_dir, self.REFERENCE_FILE)
+        splits = {"train": recipe.train_rows, "validation": recipe.val_rows}
+        if os.path.exists(path):
+            saved = load_file(path)
+            for name, rows in splits.items():
+                if rows is not None:
+                    rows.ref = saved[name].double()
+            return
+        engine = recipe.engine
+        engine.eval()
+        for rows in splits.values():
+            if rows is None:
+                continue
+            ref = torch.zeros((rows.n, 2), dtype=torch.float64, device=engine.device)
+            with torch.no_grad():  # every rank the same number of batches: ZeRO-3's forward is collective
+                for idx, valid in full_pass(rows.n, recipe.cfg.micro_batch_size, recipe.rank, recipe.world):
+                    batch = recipe._to_device(rows.batch(idx, valid))
+                    s, _ = self.sequence_logps(engine, batch)
+                    b = len(s) // 2
+                    keep = valid.to(engine.device)
+                    ref[idx.to(engine.device)[keep], 0] = s[:b][keep].double()
+                    ref[idx.to(engine.device)[keep], 1] = s[b:][keep].double()
+            dist.all_reduce(ref)  # each pair was computed by exactly one rank
+            rows.ref = ref.cpu()
+        engine.train()
+        if recipe.rank == 0:
+            os.makedirs(recipe.ckpt_dir, exist_ok=True)
+            tensors = {name: rows.ref.contiguous() for name, rows in splits.items() if rows is not None}
+            save_file(tensors, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            recipe.emit("reference", pairs=sum(r.n for r in splits.values() if r is not None), path=path)
+        dist.barrier()
+
+
 def classification_metrics(confusion: torch.Tensor, names: list[str], loss: float | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class precision / recall / F1 from a confusion matrix [true, predicted].
     A class never predicted has precision 0, a class absent from the data recall 0 (scikit-learn's
@@ -163,7 +331,13 @@ def classification_metrics(confusion: torch.Tensor, names: list[str], loss: floa
     return out
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"causal_lm": CausalLM, "sft": CausalLM, "classification": Classification}
+OBJECTIVES: dict[str, type[Objective]] = {
+    "causal_lm": CausalLM,
+    "sft": CausalLM,
+    "classification": Classification,
+    "simpo": SimPO,
+    "dpo": DPO,
+}
 
 
 def objective_for(cfg: Any, tokenizer: Any, dataset_info: dict[str, Any]) -> Objective:

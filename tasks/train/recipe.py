@@ -108,6 +108,7 @@ class Recipe:
             model=model, model_parameters=params, optimizer=optimizer, config=ds_config, lr_scheduler=schedule
         )
 
+        self.objective.prepare(self)  # the engine holds the starting weights (DPO's reference is taken here)
         tag = _latest_checkpoint(self.ckpt_dir)
         if tag:
             _, client = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)

@@ -35,25 +35,21 @@ class TrainStage(Stage):
     Config = TrainConfig
 
     def sources(self, cfg: TrainConfig) -> Any:
-        path = cfg.model.name_or_path
-        if path and os.path.isdir(path):  # a local model: its files are part of what the run depends on
-            return sorted(
-                (os.path.relpath(os.path.join(r, n), path), os.path.getsize(os.path.join(r, n)))
-                for r, _, files in os.walk(path)
-                for n in files
-            )
-        return None
+        from tasks.train.model import model_identity
+
+        return model_identity(cfg.model.name_or_path)  # a local model: its files are part of what the run depends on
 
     def bindings(self, cfg: TrainConfig) -> dict[str, str | None]:
         """The dataset: pack's (language models) or classify_tokenize's (classifiers); the starting model:
         the training section `model.from` names."""
-        return {"data": "classify_tokenize" if cfg.objective == "classification" else "pack", "model": cfg.model.from_}
+        data = {"classification": "classify_tokenize", "simpo": "pref_tokenize", "dpo": "pref_tokenize"}
+        return {"data": data.get(cfg.objective, "pack"), "model": cfg.model.from_}
 
     @staticmethod
     def _inputs(inputs: list[Artifact], cfg: TrainConfig) -> tuple[Artifact, Artifact | None, Artifact | None]:
-        data = pick(inputs, "data", ("pack", "classify_tokenize"))
+        data = pick(inputs, "data", ("pack", "classify_tokenize", "pref_tokenize"))
         if data is None:
-            want = "classify_tokenize" if cfg.objective == "classification" else "pack"
+            want = TrainStage().bindings(cfg)["data"]
             raise StageInputError("inputs", f"train ({cfg.objective}) needs a dataset: the {want} stage's output")
         return data, pick(inputs, "tokenizer"), pick(inputs, "model", ("train",))
 
@@ -83,8 +79,12 @@ class TrainStage(Stage):
                     f"the train and validation splits of {data.path} have different label sets: only in "
                     f"train {sorted(train - val) or '-'}, only in validation {sorted(val - train) or '-'}",
                 )
-        elif data.stage == "classify_tokenize":
-            raise StageInputError("objective", f"{data.path} is a labelled dataset: use objective: classification")
+        expected = self.bindings(cfg)["data"]
+        if data.stage != expected:
+            raise StageInputError(
+                "objective",
+                f"{cfg.objective} cannot train on a {data.stage} artifact: it reads the {expected} stage's output",
+            )
         if model is not None and not data_model_files(model.path):
             raise StageInputError(
                 "model.from",
@@ -101,7 +101,11 @@ class TrainStage(Stage):
                 field, _, message = str(e).partition(": ")
                 raise StageInputError(field, message) from None
         metric, _ = cfg.monitored()
-        known = {"loss", "perplexity"} if cfg.objective != "classification" else {"loss", "accuracy", "f1"}
+        known = {
+            "classification": {"loss", "accuracy", "f1"},
+            "simpo": {"loss", "margin", "accuracy", "chosen_logps", "rejected_logps"},
+            "dpo": {"loss", "margin", "accuracy", "chosen_logps", "rejected_logps"},
+        }.get(cfg.objective, {"loss", "perplexity"})
         if metric not in known and not (
             cfg.objective == "classification" and metric.split("/")[0] in ("precision", "recall", "f1")
         ):
