@@ -372,6 +372,21 @@ def test_a_flow_run_stopped_by_its_worker_cancels_the_job(tmp_path, openai_api, 
     except AssertionError:
         proc.kill()
         raise AssertionError(proc.communicate()[0][-4000:]) from None
+    # the run's log lines reach the API in batches every few seconds: the lines this test reads must be
+    # there before the stop, which gives a process no time to flush them
+    deadline = time.monotonic() + 60
+    while True:
+        runs = [
+            r
+            for r in prefect_server.post("/flow_runs/filter", {}).json()
+            if r["parameters"]["config"]["name"] == "openai-cancel"
+        ]
+        logs = prefect_server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [r["id"] for r in runs]}}}).json()
+        text = "\n".join(entry["message"] for entry in logs)
+        if "created fine-tuning job" in text and "Step 1/3: training loss" in text:
+            break
+        assert time.monotonic() < deadline, "the job's log lines never reached Prefect"
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     [job] = openai_api.jobs.values()
