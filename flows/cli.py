@@ -469,6 +469,77 @@ from flows.server import app as server_app  # noqa: E402  (`kiln server start|st
 app.add_typer(server_app, name="server")
 
 
+@app.command()
+def label(
+    config: str = typer.Argument(..., help="Pipeline config YAML."),
+    section: str = typer.Argument("feedback", help="The feedback section whose pairs to label."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config value: key=value (repeatable)."),
+) -> None:
+    """Ask for preferences in the Prefect UI: the flow run pauses on each unanswered pair with a form."""
+    from flows.embedded import configured_api_url
+
+    cfg = _load(config, sets)
+    if not configured_api_url():
+        _fail(
+            "kiln label waits for answers given in the Prefect UI: start a server and point Kiln at it:\n"
+            "  .venv/bin/kiln server start &      (or: prefect server start --host 127.0.0.1)\n"
+            "  export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    from flows.label import feedback_section, label_flow
+
+    try:
+        feedback_section(cfg, section)
+    except ConfigError as e:
+        _fail(str(e))
+    console.print(
+        f"labelling {escape(section)}: answer in the Prefect UI (Runs > kiln-label > Resume)", highlight=False
+    )
+    ref = label_flow(config=cfg, section=section)
+    console.print(f"{escape(section)}: committed {escape(ref['path'])}", highlight=False)
+
+
+@app.command("feedback-export")
+def feedback_export(
+    config: str = typer.Argument(..., help="Pipeline config YAML."),
+    section: str = typer.Argument("feedback", help="The feedback section whose pairs to export."),
+    out: str = typer.Option(..., "--out", "-o", help="Where: a .jsonl or .csv file for an annotation tool."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config value: key=value (repeatable)."),
+) -> None:
+    """Write a feedback section's pairs (pair_id, prompt, reply_a, reply_b) for an external annotation tool;
+    its answers (pair_id, choice = A | B | tie | skip, annotator, note) come back through `answers:`."""
+    import csv
+
+    from flows.label import feedback_section
+    from tasks.artifacts import Artifact
+    from tasks.prefs.feedback import offered_pairs
+    from tasks.prefs.schema import load_messages
+
+    cfg = _load(config, sets)
+    try:
+        planned, candidates = feedback_section(cfg, section)
+    except ConfigError as e:
+        _fail(str(e))
+    pairs = offered_pairs(Artifact.open(candidates.path), planned.cfg)
+    rows = [
+        {
+            "pair_id": p["pair_id"],
+            "prompt": "\n\n".join(f"{m['role']}: {m['content']}" for m in load_messages(p["prompt"])),
+            "reply_a": p["reply_a"],
+            "reply_b": p["reply_b"],
+        }
+        for p in pairs
+    ]
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        if out.lower().endswith(".csv"):
+            writer = csv.DictWriter(f, fieldnames=["pair_id", "prompt", "reply_a", "reply_b"])
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    console.print(f"{len(rows)} pair(s) written to {escape(out)}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

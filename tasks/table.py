@@ -29,6 +29,7 @@ from tasks.classify import ClassifyIngestStage, ClassifyTokenizeStage
 from tasks.clean import CleanStage
 from tasks.crawl import CrawlStage
 from tasks.dedup import DedupCandidatesStage, DedupClustersStage, DedupStage, MinHashStage
+from tasks.eval import EvalCompareStage, EvalStage
 from tasks.ingest import IngestStage, SftIngestStage
 from tasks.langid import LangIdStage
 from tasks.openai import OpenAIExportStage, OpenAITrainStage
@@ -41,7 +42,9 @@ from tasks.prefs import (
     PromptsStage,
     ScoreStage,
 )
+from tasks.prefs.feedback import FeedbackStage
 from tasks.prefs.loop import PreferenceLoopConfig, PrefReportStage, expand
+from tasks.rl import RLStage
 from tasks.stage import Stage, StageConfig
 from tasks.tokenize import SftTokenizeStage, TokenizerStage, TokenizeStage
 from tasks.train.stage import TrainStage
@@ -87,13 +90,18 @@ KINDS: tuple[Kind, ...] = (
     Kind("generate", GenerateStage, "candidates", ("prompts", "model?"), summary="Sample K candidate replies per prompt from a model."),
     Kind("score", ScoreStage, "candidates", ("candidates", "reward_model?"), summary="A reward per candidate: a reward model, a function or a rule."),
     Kind("pairs", PairsStage, "pairs", ("scored",), summary="Best against worst reply per prompt: preference pairs."),
+    Kind("feedback", FeedbackStage, "pairs", ("candidates",), summary="People's (or a judge's) choices between two candidates -> preference pairs."),
     Kind("pref_tokenize", PrefTokenizeStage, "dataset", ("pairs", "tokenizer"), summary="Preference pairs -> token ids, prompt masked, train/validation."),
     Kind("pref_report", PrefReportStage, "report", ("scores*", "pairs*"), summary="Mean scores round by round, sample pairs."),
     # models
     Kind("train", TrainStage, "model", ("data", "tokenizer?", "model?"), summary="DeepSpeed training: causal LM, SFT, classification, SimPO, DPO."),
+    Kind("rl", RLStage, "model", ("prompts", "policy?", "reward_model?"), summary="PPO / RLOO / REINFORCE of a policy against a reward model or function."),
     # fine-tuning through OpenAI's API
     Kind("openai_export", OpenAIExportStage, "dataset", ("data",), summary="Instruction examples or preference pairs -> OpenAI fine-tuning JSONL (chat / DPO), checked, with billed-token estimates."),
     Kind("openai_train", OpenAITrainStage, "model", ("data",), summary="Fine-tune a model through OpenAI's API on an openai_export artifact; follows the job."),
+    # evaluation
+    Kind("eval", EvalStage, "eval", ("model?", "data?", "instructions?", "reward_model?", "docs?"), summary="lm-evaluation-harness tasks, held-out perplexity, classifier and generation metrics, contamination: one model."),
+    Kind("eval_compare", EvalCompareStage, "report", ("evals*",), summary="Evals side by side: a value per model and task, deltas against a baseline, a chart."),
 )
 # fmt: on
 

@@ -153,12 +153,13 @@ class TrainConfig(StageConfig):
         "tensorboard",
     }
 
-    objective: Literal["causal_lm", "sft", "classification", "simpo", "dpo"] = Field(
+    objective: Literal["causal_lm", "sft", "classification", "simpo", "dpo", "reward"] = Field(
         "causal_lm",
         description="causal_lm: next-token loss on packed documents. sft: the same loss, where the pack stage "
         "masked prompt tokens out of the labels. classification: a sequence classifier "
         "(AutoModelForSequenceClassification) on classify_tokenize's dataset, judged by accuracy and macro-F1. "
-        "simpo / dpo: preference optimisation on pref_tokenize's pairs (see `preference`).",
+        "simpo / dpo: preference optimisation on pref_tokenize's pairs (see `preference`). reward: a reward model "
+        "(a one-output sequence classifier, Bradley-Terry on pref_tokenize's pairs) for the score and ppo stages.",
     )
     model: ModelConfig
     method: MethodConfig = Field(default_factory=MethodConfig)

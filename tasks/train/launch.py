@@ -126,10 +126,12 @@ def check_hardware(cfg: TrainConfig) -> None:
         raise TrainLaunchError(f"train.launch.procs_per_node: {cfg.launch.procs_per_node} ranks asked, {n} GPU(s) here")
 
 
-def command(cfg: TrainConfig, run_json: str) -> tuple[list[str], dict[str, str]]:
+def command(cfg: TrainConfig, run_json: str, module: str = "tasks.train.worker") -> tuple[list[str], dict[str, str]]:
+    """The launch: torchrun on this node, or DeepSpeed's launcher over a hostfile, of `module` (the
+    training worker; the RL worker is another module of the same launch)."""
     env = dict(os.environ)
     port = cfg.launch.master_port or _free_port()
-    worker = ["-m", "tasks.train.worker", "--spec", run_json]
+    worker = ["-m", module, "--spec", run_json]
     if cfg.launch.device == "cpu":
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     if cfg.launch.hostfile:  # several nodes: DeepSpeed's launcher (pdsh/ssh) starts torch ranks on each host
@@ -202,11 +204,12 @@ def run(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     cwd: str | None = None,
     keep_fds: tuple[int, ...] = (),
+    module: str = "tasks.train.worker",
 ) -> list[dict[str, Any]]:
     """Start the ranks and wait. Every output line goes to the `kiln.train` logger; JSON event lines are
     also handed to `on_event`. Raises TrainLaunchError naming the failing rank and its error. `keep_fds`
     are passed on to the launcher (the unit's lock: it is held for as long as the launcher lives)."""
-    cmd, env = command(cfg, run_json)
+    cmd, env = command(cfg, run_json, module)
     log.info("launching %d rank(s): %s", world_size(cfg), " ".join(cmd))
     events: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []

@@ -305,6 +305,39 @@ class DPO(_Preference):
         dist.barrier()
 
 
+class RewardModel(_Preference):
+    """A reward model: a sequence classifier with one output, trained Bradley-Terry style on preference
+    pairs, -log sigmoid(r(chosen) - r(rejected)). Held-out pairwise accuracy at every validation; the
+    export loads with AutoModelForSequenceClassification and scores candidates in the score stage."""
+
+    name = "reward"
+    auto_class = "AutoModelForSequenceClassification"
+    peft_task = "SEQ_CLS"
+
+    def model_kwargs(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return {"num_labels": 1, "pad_token_id": pad}
+
+    def pair_terms(self, model, batch):
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+        b = len(rewards) // 2
+        c, r = rewards[:b], rewards[b:]
+        return {
+            "losses": -F.logsigmoid(c - r),
+            "margin": c - r,
+            "accuracy": (c > r).double(),
+            "chosen_logps": c,
+            "rejected_logps": r,
+        }
+
+    def eval_metrics(self, sums):
+        out = super().eval_metrics(sums)
+        # for a reward model the two "log-prob" terms are the mean rewards of the chosen and rejected replies
+        out["chosen_reward"], out["rejected_reward"] = out.pop("chosen_logps"), out.pop("rejected_logps")
+        return out
+
+
 def classification_metrics(confusion: torch.Tensor, names: list[str], loss: float | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class precision / recall / F1 from a confusion matrix [true, predicted].
     A class never predicted has precision 0, a class absent from the data recall 0 (scikit-learn's
@@ -337,6 +370,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "classification": Classification,
     "simpo": SimPO,
     "dpo": DPO,
+    "reward": RewardModel,
 }
 
 

@@ -42,7 +42,12 @@ class TrainStage(Stage):
     def bindings(self, cfg: TrainConfig) -> dict[str, str | None]:
         """The dataset: pack's (language models) or classify_tokenize's (classifiers); the starting model:
         the training section `model.from` names."""
-        data = {"classification": "classify_tokenize", "simpo": "pref_tokenize", "dpo": "pref_tokenize"}
+        data = {
+            "classification": "classify_tokenize",
+            "simpo": "pref_tokenize",
+            "dpo": "pref_tokenize",
+            "reward": "pref_tokenize",
+        }
         return {"data": data.get(cfg.objective, "pack"), "model": cfg.model.from_}
 
     @staticmethod
@@ -104,6 +109,7 @@ class TrainStage(Stage):
         known = {
             "classification": {"loss", "accuracy", "f1"},
             "simpo": {"loss", "margin", "accuracy", "chosen_logps", "rejected_logps"},
+            "reward": {"loss", "margin", "accuracy", "chosen_reward", "rejected_reward"},
             "dpo": {"loss", "margin", "accuracy", "chosen_logps", "rejected_logps"},
         }.get(cfg.objective, {"loss", "perplexity"})
         if metric not in known and not (
