@@ -438,6 +438,35 @@ def stage_cmd(
 
 
 @app.command()
+def compare(
+    artifacts: list[str] = typer.Argument(..., help="Eval artifacts (their directories); the first is the baseline."),
+    baseline: str | None = typer.Option(None, "--baseline", help="The model label deltas are taken against."),
+    all_metrics: bool = typer.Option(False, "--all", help="Every metric, not only each task's headline metric."),
+    markdown: str | None = typer.Option(None, "--markdown", help="Also write the comparison with a chart here."),
+) -> None:
+    """Compare eval artifacts side by side: a value per model and task, deltas against the baseline."""
+    from tasks.artifacts import Artifact, ArtifactError
+    from tasks.eval import compare_artifacts
+    from tasks.eval.report import comparison_cells, comparison_markdown
+    from tasks.stage import StageInputError
+
+    try:
+        labels, base, rows = compare_artifacts([Artifact.open(p) for p in artifacts], baseline, all_metrics)
+    except (ArtifactError, StageInputError) as e:
+        _fail(str(e))
+    table = Table(title=f"{len(labels)} model(s) compared, deltas against {base}", title_justify="left")
+    for col in ("task", "metric", *labels):
+        table.add_column(escape(col), justify="left" if col in ("task", "metric") else "right")
+    for cells in comparison_cells(rows, labels, base):
+        table.add_row(*(escape(c) for c in cells))
+    console.print(table)
+    if markdown:
+        with open(markdown, "w", encoding="utf-8") as f:
+            f.write(comparison_markdown(rows, labels, base))
+        console.print(f"written: {markdown}", markup=False)
+
+
+@app.command()
 def serve(
     file: str = typer.Option(None, "--file", "-f", help="Deployments file (default: deployments/prefect.yaml)."),
     names: list[str] = typer.Option([], "--name", help="Serve only this deployment (repeatable)."),

@@ -29,6 +29,7 @@ from tasks.classify import ClassifyIngestStage, ClassifyTokenizeStage
 from tasks.clean import CleanStage
 from tasks.crawl import CrawlStage
 from tasks.dedup import DedupCandidatesStage, DedupClustersStage, DedupStage, MinHashStage
+from tasks.eval import EvalCompareStage, EvalStage
 from tasks.ingest import IngestStage, SftIngestStage
 from tasks.langid import LangIdStage
 from tasks.openai import OpenAIExportStage, OpenAITrainStage
@@ -98,6 +99,9 @@ KINDS: tuple[Kind, ...] = (
     # fine-tuning through OpenAI's API
     Kind("openai_export", OpenAIExportStage, "dataset", ("data",), summary="Instruction examples or preference pairs -> OpenAI fine-tuning JSONL (chat / DPO), checked, with billed-token estimates."),
     Kind("openai_train", OpenAITrainStage, "model", ("data",), summary="Fine-tune a model through OpenAI's API on an openai_export artifact; follows the job."),
+    # evaluation
+    Kind("eval", EvalStage, "eval", ("model?", "data?", "instructions?", "reward_model?", "docs?"), summary="lm-evaluation-harness tasks, held-out perplexity, classifier and generation metrics, contamination: one model."),
+    Kind("eval_compare", EvalCompareStage, "report", ("evals*",), summary="Evals side by side: a value per model and task, deltas against a baseline, a chart."),
 )
 # fmt: on
 

@@ -4,6 +4,8 @@ Order (the one datatrove's FineWeb recipe uses): normalise -> length -> Gopher r
 quality -> C4 (line rules edit the text) -> FineWeb -> in-document repeat removal. Code documents
 (meta says so) get the length and code rules instead of the prose rules, which would wreck them.
 Every dropped document is a reject with "<filter>:<rule>"; every edit is counted in stats.extra.
+Optionally last, decontamination: a document that shares a 13-gram with an item of a configured evaluation
+task is dropped as `decontaminate:<task>` (tasks/eval/contamination.py).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tasks.clean.filters import (
     RepetitionConfig,
 )
 from tasks.documents import DOCUMENT_SCHEMA, DocumentBatcher, parse_meta
-from tasks.stage import Stage, StageConfig
+from tasks.stage import Stage, StageConfig, StageInputError
 
 
 class CodeDetection(BaseModel):
@@ -44,6 +46,17 @@ class CodeDetection(BaseModel):
         "(the crawl stage puts 'language' there for source files).",
     )
     sources: list[str] = Field([], description="Substrings of `source` that mark code documents.")
+
+
+class DecontaminateConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+    tasks: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Evaluation tasks whose items must not be trained on: lm_eval task names or local task "
+        "YAMLs, as in an eval section.",
+    )
+    ngram: int = Field(13, ge=3, le=64, description="Words per n-gram (13, as the GPT-3 and Llama reports).")
 
 
 class CleanConfig(StageConfig):
@@ -61,6 +74,15 @@ class CleanConfig(StageConfig):
     code: CodeConfig = Field(default_factory=CodeConfig)
     code_detection: CodeDetection = Field(default_factory=CodeDetection)
     batch_rows: int = Field(2048, ge=1, description="Rows per Arrow batch written.")
+    decontaminate: DecontaminateConfig | None = Field(
+        None, description="Drop documents that share an n-gram with an evaluation item (`decontaminate:<task>`)."
+    )
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        out = super().fingerprint_config()
+        if out.get("decontaminate") is None:
+            out.pop("decontaminate", None)  # a config without it keeps the fingerprint it had before
+        return out
 
 
 def _is_code(meta: dict[str, Any], source: str | None, det: CodeDetection) -> bool:
@@ -129,8 +151,32 @@ class CleanStage(Stage):
     balanced = True
     splittable = True
 
+    def sources(self, cfg: CleanConfig) -> Any:
+        if cfg.decontaminate is None:
+            return None
+        import os
+
+        from tasks.eval.harness import harness_version, is_task_file, task_identity
+
+        for spec in cfg.decontaminate.tasks:
+            if is_task_file(spec) and not os.path.isfile(spec):
+                raise StageInputError("decontaminate.tasks", f"no such task file: {spec}")
+        return {
+            "decontaminate": {
+                "lm_eval": harness_version(),
+                "tasks": [task_identity(t) for t in cfg.decontaminate.tasks],
+            }
+        }
+
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: CleanConfig, out: ArtifactWriter) -> None:
         cleaner = DocumentCleaner(cfg)
+        index = None
+        if cfg.decontaminate is not None:
+            from tasks.eval.contamination import index_for
+
+            index, failed = index_for(cfg.decontaminate.tasks, cfg.decontaminate.ngram)
+            if failed:  # decontaminating against fewer tasks than asked would pass contaminated documents
+                raise StageInputError("decontaminate.tasks", "; ".join(f"{t}: {why}" for t, why in failed.items()))
         counts: dict[str, int] = {}
         docs = DocumentBatcher(DOCUMENT_SCHEMA, cfg.batch_rows)
         for batch in read_unit(inputs[unit["input"]], unit, batch_rows=256, stats=out.stats):
@@ -143,6 +189,10 @@ class CleanStage(Stage):
                 new, verdict = cleaner.clean(text, is_code, counts)
                 if verdict:
                     out.reject(*verdict, **{**row, "text": text})
+                    continue
+                if index is not None and (hit := index.first_match(new)) is not None:
+                    detail = f"shares the {index.n}-gram '{hit.ngram}' with item {hit.item} of {hit.task}"
+                    out.reject(f"decontaminate:{hit.task}", detail, **{**row, "text": text})
                     continue
                 out.write(docs.add(**{**row, "text": new}))
         out.write(docs.flush())
