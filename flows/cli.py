@@ -129,6 +129,25 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
                 f"{extra['first_validation_loss']:.3f} -> {extra['final_validation_loss']:.3f} ({scores}){best}; "
                 f"report: {escape(os.path.join(a.path, 'report.md'))}"
             )
+        elif extra.get("final_train_loss") is not None:
+            notes.append(
+                f"  {extra['steps']} steps, {extra['tokens_trained']:,} tokens; training loss "
+                f"{extra['final_train_loss']:.3f} (no validation split); "
+                f"report: {escape(os.path.join(a.path, 'report.md'))}"
+            )
+        elif extra.get("final_reward") is not None:
+            notes.append(
+                f"  {extra['iterations']} iterations; mean reward {extra['first_reward']:.3f} -> "
+                f"{extra['final_reward']:.3f}, KL to the reference {extra['final_kl']:.3f}; "
+                f"report: {escape(os.path.join(a.path, 'report.md'))}"
+            )
+        elif extra.get("last_mean_score") is not None:
+            notes.append(
+                f"  mean score of fresh samples {extra['first_mean_score']:.3f} -> {extra['last_mean_score']:.3f}; "
+                f"report: {escape(os.path.join(a.path, 'report.md'))}"
+            )
+        elif extra.get("score_sum") is not None and st["rows_out"]:
+            notes.append(f"  mean score {extra['score_sum'] / st['rows_out']:.3f}")
     console.print(table)
     for line in notes:
         console.print(line, highlight=False, soft_wrap=True)
