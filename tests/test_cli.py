@@ -170,7 +170,8 @@ def test_kiln_run_twice_then_cached_and_refresh(tmp_path, corpus):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     """`make demo`'s command: crawl the local pydoc site and the code tree, ingest, clean, dedup, langid,
-    tokenize, pack and train, with the validation loss falling; then the same again, all cached."""
+    tokenize, pack and train, with the validation loss falling; SFT, SimPO rounds with the rule's mean
+    rising, a reward model and PPO with its reward rising; then the same again, all cached."""
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)
     cmd = [
@@ -202,6 +203,11 @@ def test_demo_runs_end_to_end(tmp_path):
     line = next(ln for ln in out.splitlines() if "validation loss" in ln)
     first, last = (float(x) for x in line.split("validation loss ")[1].split(" (")[0].split(" -> "))
     assert last < first
+    # the preference loop's rule-based reward rises over the rounds, and PPO's reward-model score with it
+    for marker in ("mean score of fresh samples ", "mean reward "):
+        line = next(ln for ln in out.splitlines() if marker in ln)
+        first, last = (float(x) for x in line.split(marker)[1].split(";")[0].split(",")[0].split(" -> "))
+        assert last > first, line
     r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0 and " ran " not in r2.stdout and r2.stdout.count("cached") >= 12
 
