@@ -24,12 +24,13 @@ from prefect.artifacts import (
 )
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
+from prefect.states import Cancelled
 from prefect.tasks import exponential_backoff
 
 from flows.config import PipelineConfig, StoreConfig
 from flows.plan import PlannedStage, store_for
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.stage import StageInputError, commit_stage, plan_units, run_unit
+from tasks.stage import StageInputError, UnitStopped, commit_stage, plan_units, run_unit
 from tasks.table import get_stage
 
 
@@ -66,7 +67,13 @@ def stage_unit(
     inputs = _open_inputs(input_paths, slots)
     staging = _store(store_cfg).staging(kind, fp)
     with _forward_stage_logs():
-        result = run_unit(stage, config, inputs, staging, index, unit, on_progress=_unit_progress(stage_name, index))
+        try:
+            result = run_unit(
+                stage, config, inputs, staging, index, unit, on_progress=_unit_progress(stage_name, index)
+            )
+        except UnitStopped as e:  # on purpose (a pruned HPO trial): Cancelled, so Prefect does not retry it
+            get_run_logger().info("%s unit %d/%d stopped: %s", stage_name, index + 1, n_units, e)
+            return Cancelled(message=f"{stage_name}: {e}")
     s = result["stats"]
     get_run_logger().info(
         "%s unit %d/%d: %d rows in, %d kept, %d rejected %s%s",

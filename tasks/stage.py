@@ -65,6 +65,11 @@ class StageConfig(BaseModel):
         return self.model_dump(mode="json", exclude=set(self.execution_fields | self.wiring_fields))
 
 
+class UnitStopped(RuntimeError):
+    """A unit stopped on purpose before it finished (an HPO trial pruned on its validation values): not a
+    failure a retry would fix. Nothing of it is committed; what it can resume from (checkpoints) is kept."""
+
+
 class StageInputError(ValueError):
     """The stage cannot start with this config/input (e.g. a path that does not exist). Names the field."""
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 
 import pytest
 
@@ -17,7 +19,7 @@ from tasks.train.launch import TrainLaunchError
 
 def group(monkeypatch, script: str) -> None:
     """Make the launcher start `script` (Python) instead of torchrun."""
-    monkeypatch.setattr(launch, "command", lambda cfg, run_json: ([sys.executable, "-c", script], {}))
+    monkeypatch.setattr(launch, "command", lambda cfg, run_json, module=None: ([sys.executable, "-c", script], {}))
 
 
 def events(*evs: dict) -> str:
@@ -77,3 +79,46 @@ def test_events_that_ran_together_on_one_line_are_all_read(monkeypatch):
     group(monkeypatch, script)
     with pytest.raises(TrainLaunchError, match=r"training stopped on rank 0: loss is nan at step 2"):
         launch.run(CFG, "unused.json")
+
+
+def test_an_observer_that_raises_stops_the_group_and_its_error_goes_up(monkeypatch, tmp_path):
+    """An HPO trial's pruner watches the run's events by its output directory; raising UnitStopped from
+    the observer kills the launcher's group at once (the script would otherwise run for a minute)."""
+    from tasks.stage import UnitStopped
+
+    group(
+        monkeypatch,
+        events({"kiln": "validation", "step": 2, "loss": 5.0}) + "import time; time.sleep(60)\n",
+    )
+    seen = []
+
+    def observer(event):
+        seen.append(event)
+        if event["kiln"] == "validation":
+            raise UnitStopped("pruned at step 2")
+
+    out = str(tmp_path / "run")
+    t0 = time.monotonic()
+    with launch.observing(out, observer), pytest.raises(UnitStopped, match="pruned at step 2"):
+        launch.run(CFG, "unused.json", on_event=lambda e: launch.notify(out, e))
+    assert time.monotonic() - t0 < 20 and seen == [{"kiln": "validation", "step": 2, "loss": 5.0}]
+    launch.notify(out, {"kiln": "validation"})  # the observer is gone with its block
+    assert len(seen) == 1
+
+
+def test_cpu_devices_pin_the_launcher_and_its_ranks_to_those_cores(monkeypatch):
+    cores = sorted(os.sched_getaffinity(0))
+    script = (
+        "import json, os, subprocess, sys\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'],"
+        " capture_output=True, text=True).stdout.strip()\n"
+        "print(json.dumps({'kiln': 'cores', 'launcher': sorted(os.sched_getaffinity(0)), 'rank': child}))\n"
+    )
+    group(monkeypatch, script)
+    cfg = TrainConfig.model_validate({**CFG.model_dump(), "launch": {"procs_per_node": 2, "devices": cores[-1:]}})
+    launch.check_hardware(cfg)
+    (event,) = launch.run(cfg, "unused.json")
+    assert event["launcher"] == cores[-1:] and event["rank"] == str(cores[-1:])
+    absent = TrainConfig.model_validate({**CFG.model_dump(), "launch": {"devices": [max(cores) + 64]}})
+    with pytest.raises(TrainLaunchError, match="train.launch.devices: cores"):
+        launch.check_hardware(absent)

@@ -111,6 +111,11 @@ class LaunchConfig(_Section):
     hostfile: str | None = Field(None, description="DeepSpeed hostfile (`host slots=N` lines) for several nodes.")
     master_addr: str = Field("127.0.0.1", description="Rendezvous address (the first node's, for several nodes).")
     master_port: int | None = Field(None, ge=1024, le=65535, description="Rendezvous port; default: a free one.")
+    devices: list[int] | None = Field(
+        None,
+        description="This node's devices the run may use: GPU ids (CUDA_VISIBLE_DEVICES), or on CPU the cores "
+        "its ranks are pinned to. Default: all. `kiln hpo` sets it to split a machine between parallel trials.",
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="Peak dense TFLOP/s of one device, for the MFU estimate (known GPUs are detected)."
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -14,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tasks.train.config import TrainConfig
@@ -24,6 +26,34 @@ log = logging.getLogger("kiln.train")
 
 class TrainLaunchError(RuntimeError):
     """Training could not start, or a rank failed; the message names the rank and its error."""
+
+
+# Callers in the same process that watch a run's events as they stream, by the run's output directory
+# (an HPO trial reporting validation values to its study). An observer that raises stops the run: the
+# launcher and its ranks are killed and the exception goes on up (UnitStopped: stopped on purpose).
+_observers: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+_observers_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def observing(output_dir: str, observer: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Hand every event of the run that writes `output_dir` to `observer` while the block runs."""
+    with _observers_lock:
+        _observers.setdefault(output_dir, []).append(observer)
+    try:
+        yield
+    finally:
+        with _observers_lock:
+            _observers[output_dir].remove(observer)
+            if not _observers[output_dir]:
+                del _observers[output_dir]
+
+
+def notify(output_dir: str, event: dict[str, Any]) -> None:
+    with _observers_lock:
+        observers = list(_observers.get(output_dir, ()))
+    for observer in observers:
+        observer(event)
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -111,7 +141,14 @@ def check_hardware(cfg: TrainConfig) -> None:
     """Refuse, before anything starts, a launch this machine cannot do."""
     if cfg.launch.hostfile and not os.path.exists(cfg.launch.hostfile):
         raise TrainLaunchError(f"train.launch.hostfile: no such file: {cfg.launch.hostfile}")
+    devices = cfg.launch.devices
     if cfg.launch.device != "gpu":
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if devices and cores and not set(devices) <= set(cores):
+            raise TrainLaunchError(
+                f"train.launch.devices: cores {sorted(set(devices) - set(cores))} are not available here "
+                f"(this process may use cores {cores})"
+            )
         return
     import torch
 
@@ -122,8 +159,14 @@ def check_hardware(cfg: TrainConfig) -> None:
             f"(torch {torch.__version__}; a CPU build cannot use GPUs). "
             "Use launch.device: cpu, or install a CUDA torch."
         )
-    if not cfg.launch.hostfile and cfg.launch.procs_per_node > n:
-        raise TrainLaunchError(f"train.launch.procs_per_node: {cfg.launch.procs_per_node} ranks asked, {n} GPU(s) here")
+    if devices and max(devices) >= n:
+        raise TrainLaunchError(f"train.launch.devices: {devices} asked, this machine has GPUs 0..{n - 1}")
+    usable = len(devices) if devices else n
+    if not cfg.launch.hostfile and cfg.launch.procs_per_node > usable:
+        raise TrainLaunchError(
+            f"train.launch.procs_per_node: {cfg.launch.procs_per_node} ranks asked, {usable} GPU(s) "
+            + ("in train.launch.devices" if devices else "here")
+        )
 
 
 def command(cfg: TrainConfig, run_json: str, module: str = "tasks.train.worker") -> tuple[list[str], dict[str, str]]:
@@ -134,6 +177,8 @@ def command(cfg: TrainConfig, run_json: str, module: str = "tasks.train.worker")
     worker = ["-m", module, "--spec", run_json]
     if cfg.launch.device == "cpu":
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    elif cfg.launch.devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in cfg.launch.devices)
     if cfg.launch.hostfile:  # several nodes: DeepSpeed's launcher (pdsh/ssh) starts torch ranks on each host
         cmd = [
             sys.executable,
@@ -193,9 +238,11 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()
 
 
-def _launcher_preexec() -> None:  # in the child, between fork and exec
+def _launcher_preexec(cores: list[int] | None = None) -> None:  # in the child, between fork and exec
     os.setsid()  # its own process group: the launcher and its ranks are stopped together
     die_with_parent()
+    if cores:  # CPU ranks on these cores only (their children inherit it): trials side by side share a machine
+        os.sched_setaffinity(0, cores)
 
 
 def run(
@@ -226,7 +273,9 @@ def run(
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
-        preexec_fn=_launcher_preexec,
+        preexec_fn=functools.partial(
+            _launcher_preexec, cfg.launch.devices if cfg.launch.device == "cpu" and not cfg.launch.hostfile else None
+        ),
         pass_fds=tuple(fd for fd in keep_fds if fd is not None),
     )
     try:

@@ -106,18 +106,9 @@ class TrainStage(Stage):
                 field, _, message = str(e).partition(": ")
                 raise StageInputError(field, message) from None
         metric, _ = cfg.monitored()
-        known = {
-            "classification": {"loss", "accuracy", "f1"},
-            "simpo": {"loss", "margin", "accuracy", "chosen_logps", "rejected_logps"},
-            "reward": {"loss", "margin", "accuracy", "chosen_reward", "rejected_reward"},
-            "dpo": {"loss", "margin", "accuracy", "chosen_logps", "rejected_logps"},
-        }.get(cfg.objective, {"loss", "perplexity"})
-        if metric not in known and not (
-            cfg.objective == "classification" and metric.split("/")[0] in ("precision", "recall", "f1")
-        ):
-            raise StageInputError(
-                "monitor", f"the {cfg.objective} objective reports {', '.join(sorted(known))}; not {metric!r}"
-            )
+        if not reports_validation_metric(cfg.objective, metric):
+            known = ", ".join(sorted(VALIDATION_METRICS.get(cfg.objective, VALIDATION_METRICS["causal_lm"])))
+            raise StageInputError("monitor", f"the {cfg.objective} objective reports {known}; not {metric!r}")
         return [{"run": 0}]
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: TrainConfig, out: ArtifactWriter) -> None:
@@ -160,6 +151,7 @@ class TrainStage(Stage):
                 out.progress(
                     event["step"] / cfg.max_steps, f"step {event['step']}/{cfg.max_steps}, loss {event['loss']:.4f}"
                 )
+            launch.notify(out.directory, event)  # e.g. an HPO trial's pruner, which may stop the run
 
         launch.run(cfg, run_json, on_event=on_event, cwd=repo_root, keep_fds=(out.lock_fd,))
 
@@ -182,6 +174,23 @@ class TrainStage(Stage):
         if data.manifest.get("labels"):
             fields["labels"] = data.manifest["labels"]
         return fields
+
+
+# The validation metrics each objective reports (a classifier also per class: precision/NAME, ...).
+VALIDATION_METRICS: dict[str, set[str]] = {
+    "causal_lm": {"loss", "perplexity"},
+    "sft": {"loss", "perplexity"},
+    "classification": {"loss", "accuracy", "f1"},
+    "simpo": {"loss", "margin", "accuracy", "chosen_logps", "rejected_logps"},
+    "reward": {"loss", "margin", "accuracy", "chosen_reward", "rejected_reward"},
+    "dpo": {"loss", "margin", "accuracy", "chosen_logps", "rejected_logps"},
+}
+
+
+def reports_validation_metric(objective: str, metric: str) -> bool:
+    if metric in VALIDATION_METRICS.get(objective, VALIDATION_METRICS["causal_lm"]):
+        return True
+    return objective == "classification" and metric.split("/")[0] in ("precision", "recall", "f1")
 
 
 def data_model_files(path: str) -> bool:
