@@ -270,6 +270,15 @@ def test_an_unknown_task_and_a_hub_task_offline_are_clear_errors_naming_them(tmp
     broken_model = tmp_path / "model"
     shutil.copytree(models["a"], broken_model)
     (broken_model / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(StageInputError, match="'EleutherAI/pythia-14m' is neither a local directory nor in the hub"):
+        run_in_store(
+            EvalStage(),
+            EvalConfig(model_path="EleutherAI/pythia-14m", tasks=[fixture("mmlu_fixture")]),
+            [],
+            _store(tmp_path),
+        )
+    with pytest.raises(StageInputError, match="no such model directory"):
+        EvalStage().fingerprint(EvalConfig(model_path="./no/such/model", tasks=[fixture("mmlu_fixture")]), [])
     offline = r"task 'hellaswag' reads the dataset 'Rowan/hellaswag' .*HF_HUB_OFFLINE is set"
     with pytest.raises(StageInputError, match=offline):
         run_in_store(EvalStage(), EvalConfig(model_path=str(broken_model), tasks=["hellaswag"]), [], _store(tmp_path))

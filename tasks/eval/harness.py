@@ -395,6 +395,21 @@ def check_hub_data(task: str, configs: list[dict[str, Any]]) -> None:
             )
 
 
+def check_hub_model(name: str) -> None:
+    """A model named by its hub id needs the hub or a cached copy: StageInputError before anything loads."""
+    from huggingface_hub import constants
+
+    from tasks.stage import StageInputError
+
+    if os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + name.replace("/", "--"))):
+        return
+    flag = _offline_flag()
+    if flag:
+        raise StageInputError(
+            "model_path", f"{name!r} is neither a local directory nor in the hub cache, and {flag} is set"
+        )
+
+
 def check_data_files(task: str, cfg: dict[str, Any]) -> None:
     """Local data files exist and, for JSON lines, every line parses: TaskError naming the file and line."""
     for path in data_files_of(cfg):

@@ -153,12 +153,18 @@ def _architecture(directory: str) -> str | None:
         return None
 
 
-def evaluated_model(inputs: list[Artifact], cfg: EvalConfig) -> EvaluatedModel:
+def _looks_local(path: str) -> bool:
+    """A path, not a hub id (`org/name`, or a bare name)."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def evaluated_model(inputs: list[Artifact], cfg: EvalConfig, fetch: bool = True) -> EvaluatedModel:
+    """The model under evaluation; `fetch`: a model on an object store is copied to a local directory."""
     from tasks.train.model import model_identity
 
-    art = pick(inputs, "model", ("train",))
+    art = pick(inputs, "model", ("train", "rl"))
     if art is not None:
-        directory = local_model_dir(art.path)
+        directory = local_model_dir(art.path) if fetch else art.path
         label = cfg.label or cfg.model_from or art.stage
         return EvaluatedModel(
             directory, label, art.fingerprint, art.manifest.get("objective"), _architecture(directory)
@@ -241,9 +247,7 @@ class EvalStage(Stage):
             out["lm_eval"] = harness_version()
             out["tasks"] = [task_identity(s) for s in specs]
         if cfg.model_path is not None:
-            if not os.path.isdir(cfg.model_path) and (
-                os.sep in cfg.model_path.strip("/") or cfg.model_path[:1] in "./~"
-            ):
+            if not os.path.isdir(cfg.model_path) and _looks_local(cfg.model_path):
                 raise StageInputError("model_path", f"no such model directory: {cfg.model_path!r}")
             out["model"] = model_identity(cfg.model_path) or cfg.model_path
         reward = cfg.generation.reward if cfg.generation else None
@@ -260,6 +264,10 @@ class EvalStage(Stage):
 
         model = evaluated_model(inputs, cfg)
         specs = cfg.task_specs()
+        if cfg.model_path is not None and not os.path.isdir(model.directory):
+            from tasks.eval.harness import check_hub_model
+
+            check_hub_model(cfg.model_path)
         if os.path.isdir(model.directory) and not os.path.isfile(os.path.join(model.directory, "config.json")):
             raise StageInputError(
                 "model_from" if cfg.model_from else "model_path",
@@ -659,7 +667,7 @@ class EvalStage(Stage):
             for subtask, lines in subtasks.items():
                 with fs.open(f"{folder}/samples_{_safe(subtask)}.jsonl", "w", encoding="utf-8") as f:
                     f.write("\n".join(lines) + "\n")
-        model = evaluated_model(inputs, cfg)
+        model = evaluated_model(inputs, cfg, fetch=False)
         specs = cfg.task_specs()
         rerun = None
         if specs:
