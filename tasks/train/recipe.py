@@ -127,12 +127,13 @@ class Recipe:
     def train(self) -> None:
         cfg, state = self.cfg, self.state
         self.engine.train()
-        window_t, window_tokens = time.perf_counter(), 0
+        window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         while state.step < cfg.max_steps:
             loss, metrics, tokens = self.train_step()
             state.step += 1
             state.tokens += tokens
             window_tokens += tokens
+            window_steps += 1
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 dt = time.perf_counter() - window_t
                 tps = window_tokens / dt if dt > 0 else 0.0
@@ -142,11 +143,12 @@ class Recipe:
                     loss=loss,
                     lr=self.scheduler.get_last_lr()[0],
                     tokens_per_s=tps,
+                    step_s=dt / window_steps,
                     mfu=mfu,
                     tokens=state.tokens,
                     **metrics,
                 )
-                window_t, window_tokens = time.perf_counter(), 0
+                window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
             if (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps) and self.validate():
                 break  # early stopping
             if state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
