@@ -486,6 +486,71 @@ def compare(
 
 
 @app.command()
+def hpo(
+    config: str = typer.Argument(..., help="Pipeline config YAML with an `hpo:` section."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config value: key=value (repeatable)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start the study over (its trained runs stay cached)."),
+) -> None:
+    """Hyperparameter search: an Optuna study whose trials are cached training runs; resumes a stopped study."""
+    cfg = _load(config, sets)
+    from flows.hpo.space import prepare
+
+    try:
+        prepare(cfg, config)  # the paths, ranges and objective, before anything starts
+    except ConfigError as e:
+        _fail(str(e))
+
+    from flows import embedded
+
+    t0 = time.perf_counter()
+    server = embedded.start_if_needed()
+    try:
+        from flows.hpo.flow import hpo_flow
+        from flows.runtime import task_runner
+
+        if server:
+            server.wait_ready()
+        try:
+            result = hpo_flow.with_options(task_runner=task_runner(cfg.runtime))(config=cfg, fresh=fresh)
+        except ConfigError as e:
+            _fail(str(e))
+        except Exception as e:
+            _fail(f"study failed: {type(e).__name__}: {e}", code=1)
+    finally:
+        if server:
+            server.stop()
+    _print_study(result, time.perf_counter() - t0)
+
+
+def _print_study(result: dict[str, Any], seconds: float) -> None:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result["counts"].items()))
+    table = Table(
+        title=f"study {result['study']}: {counts} ({seconds:.1f} s); {result['objective']}", title_justify="left"
+    )
+    for col in ("trial", "state", "value", *result["params"], "cached", "seconds"):
+        table.add_column(col, justify="left" if col == "state" else "right")
+    for r in result["trials"]:
+        cells = [r["trial"], r["state"], r["value"], *(r[p] for p in result["params"]), r["cached"], r["seconds"]]
+        table.add_row(*("" if c is None else f"{c:.5g}" if isinstance(c, float) else escape(str(c)) for c in cells))
+    console.print(table)
+    best = result["best"]
+    if best:
+        values = ", ".join(f"{k}={v!r}" for k, v in best["params"].items())
+        console.print(f"[bold]best[/]: trial {best['trial']}, {best['value']:.6g} with {escape(values)}")
+        console.print(f"best config: {escape(result['best_yaml'])} (`kiln run` finds its runs cached)", highlight=False)
+    console.print(
+        f"trials: {escape(os.path.join(result['directory'], 'trials.parquet'))}; plots: "
+        f"{escape(os.path.join(result['directory'], 'plots'))}; storage {escape(result['storage'])}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result["storage"].startswith("sqlite"):
+        console.print(
+            f"browse it: .venv/bin/optuna-dashboard {escape(result['storage'])} --host 127.0.0.1", highlight=False
+        )
+
+
+@app.command()
 def serve(
     file: str = typer.Option(None, "--file", "-f", help="Deployments file (default: deployments/prefect.yaml)."),
     names: list[str] = typer.Option([], "--name", help="Serve only this deployment (repeatable)."),
@@ -536,7 +601,7 @@ def label(
     from flows.label import feedback_section, label_flow
 
     try:
-        feedback_section(cfg, section)
+        feedback_section(cfg, section, generated=False)
     except ConfigError as e:
         _fail(str(e))
     console.print(

@@ -45,8 +45,9 @@ def describe(pair: dict[str, Any], messages: list[dict[str, str]], done: int, to
     )
 
 
-def feedback_section(config: PipelineConfig, section: str) -> tuple[Any, Any]:
-    """(the planned feedback stage, its candidates' planned stage); a clear error when either is missing."""
+def feedback_section(config: PipelineConfig, section: str, generated: bool = True) -> tuple[Any, Any]:
+    """(the planned feedback stage, its candidates' planned stage); a clear error when the section is not a
+    feedback section, or (`generated`) when its candidates are not committed yet."""
     planned = {p.name: p for p in plan_pipeline(config)}
     p = planned.get(section)
     if p is None or p.kind != "feedback":
@@ -55,7 +56,7 @@ def feedback_section(config: PipelineConfig, section: str) -> tuple[Any, Any]:
             f"{section}: not a feedback section of this pipeline (feedback sections: {', '.join(kinds) or 'none'})"
         )
     candidates = planned[p.inputs[0]]
-    if not candidates.committed:
+    if generated and not candidates.committed:
         raise ConfigError(
             f"{section}: its candidates ({candidates.name}) are not generated yet: run the pipeline "
             f"(kiln run CONFIG --only {candidates.name}, or the stages before it) first"
@@ -63,14 +64,39 @@ def feedback_section(config: PipelineConfig, section: str) -> tuple[Any, Any]:
     return p, candidates
 
 
+def upstream(config: PipelineConfig, name: str) -> set[str]:
+    """The stage `name` and every stage it reads, directly or not."""
+    planned = {p.name: p for p in plan_pipeline(config)}
+    todo, seen = [name], set()
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(planned[n].inputs)
+    return seen
+
+
+def generate_candidates(config: PipelineConfig, section: str) -> None:
+    """Run (or take from cache) the stages the feedback section's candidates come from."""
+    from flows.data import run_stages
+
+    _, candidates = feedback_section(config, section, generated=False)
+    if not candidates.committed:
+        needed = upstream(config, candidates.name)
+        get_run_logger().info("%s: generating its candidates first (%s)", section, ", ".join(sorted(needed)))
+        run_stages(config, include=lambda p: p.name in needed)
+
+
 @flow(name="kiln-label", log_prints=True)
 def label_flow(config: PipelineConfig, section: str = "feedback", timeout_s: int = 24 * 3600) -> dict[str, Any]:
-    """Ask, pair by pair, for the answers the feedback section `section` still lacks; then commit them."""
+    """Ask, pair by pair, for the answers the feedback section `section` still lacks; then commit them.
+    Candidates not generated yet are generated first (the stages they come from run, or come from cache)."""
     from tasks.artifacts import Artifact
     from tasks.prefs.feedback import append_answer, offered_pairs, read_journal
     from tasks.prefs.schema import load_messages
 
     logger = get_run_logger()
+    generate_candidates(config, section)
     planned, candidates = feedback_section(config, section)
     cfg = planned.cfg
     pairs = offered_pairs(Artifact.open(candidates.path), cfg)

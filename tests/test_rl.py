@@ -156,24 +156,19 @@ def _label_config(tmp_path, policy: str) -> dict:
 
 @pytest.mark.slow
 def test_labelling_in_the_prefect_ui_survives_a_kill_and_becomes_preferences(tmp_path, prefect_server):
-    """`kiln label` against a real Prefect server: the flow run pauses on each pair with a form; answers
-    sent through the API resume it and are kept at once; a choice not offered is refused; after a kill, a
-    new run asks only the pairs left; the answers are committed as a preference artifact."""
+    """`kiln label` against a real Prefect server: it generates the candidates, then the flow run pauses on
+    each pair with a form; answers sent through the API resume it and are kept at once; a choice not
+    offered is refused; after a kill, a new run asks only the pairs left; the answers are committed as a
+    preference artifact."""
     import yaml
 
     from flows.plan import plan_pipeline
-    from tasks.prefs import GenerateStage, PromptsStage
 
     policy = make_char_policy(str(tmp_path / "policy"))
     cfg = _label_config(tmp_path, policy)
     (tmp_path / "label.yaml").write_text(yaml.safe_dump(cfg))
     planned = {p.name: p for p in plan_pipeline(PipelineConfig.model_validate(cfg))}
-    store = ArtifactStore(cfg["store"]["root"])
-    prompts = run_in_store(PromptsStage(), planned["prompts"].cfg, [], store)
-    cands = run_in_store(GenerateStage(), planned["generate"].cfg, [Artifact.open(prompts.path, "prompts")], store)
-    assert cands.fingerprint == planned["generate"].fingerprint
-    pairs = offered_pairs(cands, planned["feedback"].cfg)
-    assert len(pairs) == 4
+    assert not planned["generate"].committed  # kiln label generates the candidates it asks about
 
     cmd = [sys.executable, "-m", "flows.cli", "label", str(tmp_path / "label.yaml"), "feedback"]
 
@@ -211,6 +206,9 @@ def test_labelling_in_the_prefect_ui_survives_a_kill_and_becomes_preferences(tmp
         asked = []
         for answer in ("A", "B"):
             p = paused_run(seen)
+            if not asked:
+                pairs = offered_pairs(Artifact.open(planned["generate"].path), planned["feedback"].cfg)
+                assert len(pairs) == 4
             asked.append(next(x["pair_id"] for x in pairs if f"`{x['pair_id']}`" in p["description"]))
             assert "Which reply is better?" in p["description"]
             if answer == "A":  # a choice not offered is refused by the server; the run stays paused

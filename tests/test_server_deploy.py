@@ -46,6 +46,9 @@ def test_prefect_deploy_of_the_shipped_file_and_a_worker_run(prefect_server, tmp
     refresh = deployment(prefect_server, "data-refresh")
     assert refresh["schedules"][0]["active"] is False
     assert deployment(prefect_server, "train")["entrypoint"] == "flows/train.py:train_flow"
+    label = deployment(prefect_server, "label")
+    assert label["entrypoint"] == "flows/label.py:label_flow" and label["parameters"]["section"] == "feedback"
+    assert label["parameters"]["config"]["feedback"]["candidates_from"] == "generate"
 
     cfg = small_config(tmp_path / "worker-store", corpus)
     run = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": cfg}}).json()

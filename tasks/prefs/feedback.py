@@ -8,7 +8,7 @@ from three places, all optional:
   answer, appending it to the `journal` file as it arrives (annotator `ui`), so a killed labelling run
   loses nothing and its rerun asks only the rest;
 - answer files from an external annotation tool (`answers`: JSONL or CSV with pair_id, choice, and
-  optionally annotator, note), after `kiln feedback export` wrote the pairs to label;
+  optionally annotator, note), after `kiln feedback-export` wrote the pairs to label;
 - a judge (`judge`: a function or rule scoring each reply; the higher score wins, equal scores tie):
   simulated preferences, for tests and demos, and recorded as such.
 
