@@ -563,7 +563,7 @@ def serve(
     if not configured_api_url():
         _fail(
             "kiln serve needs a Prefect server to register with. Start one and point Kiln at it:\n"
-            "  PREFECT_SERVER_ANALYTICS_ENABLED=false .venv/bin/prefect server start --host 127.0.0.1 &\n"
+            "  .venv/bin/kiln server start &      (PostgreSQL; or: prefect server start --host 127.0.0.1)\n"
             "  export PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     path = file or serving.DEFAULT_FILE
