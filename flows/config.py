@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from flows.hpo.config import HPOConfig
 from tasks.table import KIND_BY_NAME, MACROS, SECTION_KINDS
 
 # what a section of another name may be: a stage kind, or a macro (a kind that expands into stages)
@@ -88,6 +89,10 @@ _PipelineBase = create_model(
     name=(str, Field("kiln", description="A name for this pipeline, shown in logs and reports.")),
     store=(StoreConfig, Field(default_factory=StoreConfig)),
     runtime=(RuntimeConfig, Field(default_factory=RuntimeConfig)),
+    hpo=(
+        HPOConfig | None,
+        Field(None, description="A hyperparameter search over this config (`kiln hpo`); `kiln run` ignores it."),
+    ),
     **{k.name: (k.stage.Config | None, Field(None, description=k.summary)) for k in SECTION_KINDS},
 )
 
