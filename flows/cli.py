@@ -154,6 +154,12 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
     console.print(
         "Inspect an artifact with [bold]kiln inspect PATH[/]; see the runs with [bold]prefect server start[/]."
     )
+    for ref in refs.values():  # a comparison of models ends the summary: the numbers the run was for
+        if ref.get("stage") == "eval_compare":
+            from tasks.eval import compare_artifacts
+
+            evals = [Artifact.open(i["path"]) for i in Artifact.open(ref["path"]).manifest["inputs"]]
+            _print_comparison(*compare_artifacts(evals, Artifact.open(ref["path"]).manifest.get("baseline")))
 
 
 @app.command()
@@ -456,6 +462,17 @@ def stage_cmd(
     )
 
 
+def _print_comparison(labels: list[str], base: str, rows: list[Any]) -> None:
+    from tasks.eval.report import comparison_cells
+
+    table = Table(title=f"{len(labels)} model(s) compared, deltas against {base}", title_justify="left")
+    for col in ("task", "metric", *labels):
+        table.add_column(escape(col), justify="left" if col in ("task", "metric") else "right")
+    for cells in comparison_cells(rows, labels, base):
+        table.add_row(*(escape(c) for c in cells))
+    console.print(table)
+
+
 @app.command()
 def compare(
     artifacts: list[str] = typer.Argument(..., help="Eval artifacts (their directories); the first is the baseline."),
@@ -466,19 +483,14 @@ def compare(
     """Compare eval artifacts side by side: a value per model and task, deltas against the baseline."""
     from tasks.artifacts import Artifact, ArtifactError
     from tasks.eval import compare_artifacts
-    from tasks.eval.report import comparison_cells, comparison_markdown
+    from tasks.eval.report import comparison_markdown
     from tasks.stage import StageInputError
 
     try:
         labels, base, rows = compare_artifacts([Artifact.open(p) for p in artifacts], baseline, all_metrics)
     except (ArtifactError, StageInputError) as e:
         _fail(str(e))
-    table = Table(title=f"{len(labels)} model(s) compared, deltas against {base}", title_justify="left")
-    for col in ("task", "metric", *labels):
-        table.add_column(escape(col), justify="left" if col in ("task", "metric") else "right")
-    for cells in comparison_cells(rows, labels, base):
-        table.add_row(*(escape(c) for c in cells))
-    console.print(table)
+    _print_comparison(labels, base, rows)
     if markdown:
         with open(markdown, "w", encoding="utf-8") as f:
             f.write(comparison_markdown(rows, labels, base))

@@ -616,3 +616,9 @@ def test_eval_and_comparison_publish_prefect_tables_and_reports(tmp_path, models
     assert "# Evaluation of a" in arts["eval-a-report"].data
     again = pipeline(config=cfg)
     assert all(r["cached"] for r in again.values())
+
+    from flows.cli import _print_run_summary, console
+
+    with console.capture() as printed:  # `kiln run` ends with the comparison
+        _print_run_summary(again, 1.0)
+    assert "2 model(s) compared, deltas against a" in printed.get() and "winogrande_fixture" in printed.get()

@@ -17,11 +17,14 @@ def _cell(value: Any, width: int = 120) -> str:
     return text.replace("|", "\\|")
 
 
-def fmt(value: Any, digits: int = 4) -> str:
+def fmt(value: Any, digits: int = 4, sign: str = "") -> str:
+    """A number for a table: 4 decimals for scores, fewer for large numbers such as a perplexity."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.4g}"
+        size = abs(value)
+        places = digits if size < 100 else 2 if size < 1000 else 1
+        return f"{value:{sign}.{places}f}" if size < 1e7 else f"{value:{sign}.4g}"
     return str(value)
 
 
@@ -231,7 +234,7 @@ def comparison_cells(rows: list[Compared], labels: list[str], baseline: str) -> 
         cells = [c.task, c.metric]
         for label in labels:
             value, d = c.values.get(label), c.delta(label, baseline)
-            extra = "" if label == baseline or d is None else f" ({d:+.4f}{_better(c, d)})"
+            extra = "" if label == baseline or d is None else f" ({fmt(d, sign='+')}{_better(c, d)})"
             cells.append(fmt(value) + extra)
         out.append(cells)
     return out
@@ -254,7 +257,7 @@ def comparison_markdown(rows: list[Compared], labels: list[str], baseline: str, 
                 cells.append(fmt(value))
             else:
                 d = c.delta(label, baseline)
-                cells.append(f"{fmt(value)} ({'' if d is None else f'{d:+.4f}'}{_better(c, d)})")
+                cells.append(f"{fmt(value)} ({fmt(d, sign='+')}{_better(c, d)})")
         lines.append(f"| {_cell(c.task)} | {c.metric} | " + " | ".join(cells) + " |")
     chart = comparison_chart(rows, labels)
     if chart:
