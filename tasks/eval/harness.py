@@ -513,6 +513,8 @@ def build_task(spec: str, shots: int | None) -> BuiltTask:
         with _quiet_datasets():
             loaded = manager.load([loader])
     except Exception as e:  # the harness failed to read the data: name the task, the file and the row
+        if any(hub_dataset(c) for c in configs):
+            raise  # fetching from the hub failed: the network's or the hub's state, not input to record
         row = missing_fields(configs[0]) if file else None
         raise TaskError(
             "missing_field" if isinstance(e, KeyError) or row else "bad_task",

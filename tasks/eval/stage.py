@@ -336,7 +336,7 @@ class EvalStage(Stage):
             docs = sorted(a.fingerprint for a in training_documents(inputs))
             specs = cfg.task_specs()
             return _key(self.version, kind, docs, [task_identity(s) for s in specs], cfg.decontamination.ngram)
-        model = evaluated_model(inputs, cfg).identity
+        model = evaluated_model(inputs, cfg, fetch=False).identity
         common = (self.version, kind, model, cfg.dtype)
         if kind == "harness":
             name = task_name_of(unit["spec"]) or unit["spec"]
