@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from flows.config import PipelineConfig
-from flows.plan import PlannedStage, is_model_stage, plan_pipeline, select
+from flows.plan import PlannedStage, data_stage_names, plan_pipeline, select
 from flows.stages import run_planned_stage
 
 
@@ -59,5 +59,7 @@ def data_flow(
     from_stage: str | None = None,
     refresh: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Crawl/ingest and prepare the corpus up to the datasets. `only`, `from_stage`, `refresh` name stages."""
-    return run_stages(config, only, from_stage, refresh, include=lambda p: not is_model_stage(p))
+    """Crawl/ingest and prepare the corpus up to the datasets (every stage that neither uses a model nor reads
+    what one made). `only`, `from_stage`, `refresh` name stages."""
+    data = data_stage_names(plan_pipeline(config))
+    return run_stages(config, only, from_stage, refresh, include=lambda p: p.name in data)

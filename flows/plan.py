@@ -209,3 +209,17 @@ def select(
 
 def is_model_stage(p: PlannedStage) -> bool:
     return KIND_BY_NAME[p.kind].role == "model"
+
+
+# the roles whose stages use a model (train one, sample from one, score with one, judge one) or report on them
+_MODEL_HALF = frozenset({"model", "candidates", "eval", "report"})
+
+
+def data_stage_names(planned: list[PlannedStage]) -> set[str]:
+    """The stages of the data half: those that neither use a model nor read anything that did (the corpus,
+    its tokenization and datasets, ready-made preference pairs); the rest is the model half."""
+    model_half: set[str] = set()
+    for p in planned:  # dependency order
+        if KIND_BY_NAME[p.kind].role in _MODEL_HALF or model_half & set(p.inputs):
+            model_half.add(p.name)
+    return {p.name for p in planned} - model_half

@@ -49,7 +49,9 @@ def _open_inputs(input_paths: list[str], slots: list[str] | None) -> list[Artifa
     return [Artifact.open(p, slot) for p, slot in zip(input_paths, slots)]
 
 
-@task(name="stage-unit", task_run_name="{stage_name}[{index}]", persist_result=False)
+# log_prints off: a unit's stray prints (dill's disassembly while `datasets` hashes a function, say) would
+# flood the task's log; what a stage has to say goes through its logger, forwarded below.
+@task(name="stage-unit", task_run_name="{stage_name}[{index}]", persist_result=False, log_prints=False)
 def stage_unit(
     stage_name: str,
     kind: str,
@@ -204,13 +206,14 @@ def stage_commit(
     if fs.exists(own_report):
         with fs.open(own_report, "r", encoding="utf-8") as f:
             markdown = f.read() + "\n\n" + markdown
+    described = getattr(stage, "report_table_descriptions", {})
     for table_name in getattr(stage, "report_tables", ()):  # e.g. the crawl's per-host report
         rows = artifact.read_table(table=table_name).to_pylist() if artifact.table_rows(table_name) else []
         if rows:
             create_table_artifact(
                 key=f"{key}-{table_name.replace('_', '-')}-table",
                 table=rows,
-                description=f"**{stage_name}** {table_name}: one row per source and host",
+                description=f"**{stage_name}** {table_name}: {described.get(table_name, f'{len(rows)} rows')}",
             )
     create_markdown_artifact(
         key=f"{key}-report",

@@ -315,3 +315,33 @@ def test_two_training_sections_the_second_starts_from_the_first(tmp_path):
     assert all(v == ["Cached"] for v in task_states(again).values())
     models = train_flow(config=cfg)
     assert set(models) == {"train", "sft"} and all(r["cached"] for r in models.values())
+
+
+def test_the_data_flow_takes_the_stages_that_use_no_model_and_the_train_flow_the_rest(tmp_path):
+    """The demo's graph split in two: the corpus, its datasets and ready-made pairs on one side; training,
+    sampling, scoring, what reads their output (pairs, feedback, their tokenization), RL and evaluation
+    on the other."""
+    from flows.config import load_config
+    from flows.plan import data_stage_names, plan_pipeline
+
+    from train_fixtures import make_tokenizer
+
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.yaml"))
+    planned = plan_pipeline(cfg)
+    data = data_stage_names(planned)
+    assert {"crawl", "ingest", "clean", "dedup", "langid", "tokenize", "pack", "sft_pack", "prompts", "heldout"} <= data
+    model_half = {p.name for p in planned} - data
+    assert {"train", "sft", "simpo.r1.generate", "simpo.r1.pairs", "rm_feedback", "rm_pairs", "ppo"} <= model_half
+    assert {"eval_base", "eval_compare", "simpo.report"} <= model_half
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    with_pairs = PipelineConfig.model_validate(
+        {
+            "store": {"root": str(tmp_path)},
+            "pref_ingest": {"paths": [str(tmp_path)]},
+            "pref_tokenize": {
+                "tokenizer": make_tokenizer(str(tmp_path / "tok")).path,
+                "inputs": {"pairs": "pref_ingest"},
+            },
+        }
+    )
+    assert data_stage_names(plan_pipeline(with_pairs)) == {"pref_ingest", "pref_tokenize"}

@@ -216,6 +216,7 @@ class EvalStage(Stage):
     version = 1
     Config = EvalConfig
     report_tables = ("summary",)
+    report_table_descriptions = {"summary": "each task's headline metric, and the tasks not evaluated"}
 
     # -- wiring and identity -------------------------------------------------------------------------
 
@@ -780,6 +781,7 @@ class EvalCompareStage(Stage):
     version = 1
     Config = EvalCompareConfig
     report_tables = ("comparison",)
+    report_table_descriptions = {"comparison": "one row per task and metric, a column per model"}
 
     def bindings(self, cfg: EvalCompareConfig) -> dict[str, Any]:
         return {"evals": list(cfg.evals) or None}

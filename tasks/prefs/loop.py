@@ -191,6 +191,7 @@ class PrefReportStage(Stage):
     version = 1
     Config = PrefReportConfig
     report_tables = ("rounds",)
+    report_table_descriptions = {"rounds": "the mean score of fresh samples, one row per round"}
 
     def plan(self, inputs: list[Artifact], cfg: PrefReportConfig) -> list[dict[str, Any]]:
         if len([a for a in inputs if a.slot == "scores"]) != len(cfg.labels):
