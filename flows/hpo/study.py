@@ -161,10 +161,13 @@ def recover(study: Any, storage: Any, retries: int) -> list[int]:
     """Trials a dead or interrupted process left: a running trial whose owner on this host is gone is
     marked failed, and each such trial (and each one a Ctrl-C stopped) is queued again with its values,
     once, up to `retries` times in a row. Returns the numbers queued again."""
+    import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=retries)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=retries)
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     study_id = storage.get_study_id_from_name(study.study_name)
