@@ -95,6 +95,13 @@ class Stage(ABC):
     # units are input shards whose rows are processed one by one: a shard may be cut into row ranges
     # so that every worker has work (the output is the same rows in the same order)
     splittable: ClassVar[bool] = False
+    # a unit's output depends on nothing but its input shard's rows, the config, the sources and the
+    # inputs read whole (a tokenizer): it is keyed by the shard's content (shard_key), so an artifact
+    # made after the corpus grew copies every unit whose shard is unchanged instead of recomputing it
+    reuses_shards: ClassVar[bool] = False
+    # a source: the data shards end where this column's values say (content-defined, see
+    # tasks/artifacts/write.py), so documents added later leave the shards of the earlier ones as they were
+    shard_cut: ClassVar[str | None] = None
 
     def sources(self, cfg: StageConfig) -> Any:
         """Identity of what the stage reads from outside the store (None if nothing)."""
@@ -120,8 +127,40 @@ class Stage(ABC):
         """A content identity for one unit whose output depends on nothing but what the key covers. A
         unit with the same key in another committed artifact of this stage is copied from there instead
         of recomputed (the crawl: a changed code tree does not refetch an unchanged web source).
-        Default None: units are never reused."""
+        Default: the shard's key for a stage that `reuses_shards`, else None (never reused)."""
+        if self.reuses_shards and "shard" in unit and "input" in unit:
+            return self.shard_key(unit, inputs, cfg)
         return None
+
+    def shard_key(
+        self,
+        unit: dict[str, Any],
+        inputs: list[Artifact],
+        cfg: StageConfig,
+        config: Any = None,
+        whole: list[Artifact] | None = None,
+        position: bool = False,
+        **extra: Any,
+    ) -> str:
+        """The key of a unit that reads one shard (or a row range of one): the shard's content digest, not
+        its place, so shards added beside it leave its key as it was. With it: the stage, its version, its
+        config (`config`, where the stage fingerprints a subset), its sources, the fingerprints of the
+        inputs read whole (by default those in another slot than the shard's artifact: a tokenizer),
+        `position` (input and shard number) for a stage whose rows name their place, and `extra`."""
+        read = inputs[unit["input"]]
+        if whole is None:
+            whole = [a for a in inputs if (a.slot or a.stage) != (read.slot or read.stage)]
+        payload = {
+            "config": cfg.fingerprint_config() if config is None else config,
+            "sources": self.sources(cfg),
+            "whole": [a.fingerprint for a in whole],
+            "shard": read.shard_digest(unit["shard"]),
+            "rows": unit.get("rows"),
+            **extra,
+        }
+        if position:
+            payload["position"] = [unit["input"], unit["shard"]]
+        return fingerprint(f"{self.name}.shard", self.version, payload)
 
     def finalize(self, inputs: list[Artifact], cfg: StageConfig, directory: str, fs: Any) -> dict[str, Any] | None:
         """Runs once on the complete staging directory before commit (all units done). Stages whose
@@ -202,7 +241,9 @@ def run_unit(
                     progress("rows", adopted["stats"].get("rows_in", 0))
                 return adopted
         on_rows = (lambda n: progress("rows", n)) if progress else None
-        writer = staging.begin_unit(index, on_rows=on_rows, on_progress=on_progress, lock_fd=lock_fd)
+        writer = staging.begin_unit(
+            index, on_rows=on_rows, on_progress=on_progress, lock_fd=lock_fd, cut_on=stage.shard_cut
+        )
         t0 = time.perf_counter()
         try:
             stage.process(unit, inputs, cfg, writer)

@@ -80,6 +80,19 @@ class Artifact:
                 counts.append(pq.ParquetFile(f).metadata.num_rows)
         return counts
 
+    def shard_digest(self, shard: int, table: str = DATA_TABLE) -> str:
+        """The content identity of one shard (see write.shard_digest): as recorded when it was written,
+        or computed from the file (artifacts written before digests were recorded, object stores)."""
+        recorded = self.manifest.get("tables", {}).get(table, {}).get("digests")
+        if recorded and recorded[shard]:
+            return recorded[shard]
+        cache = self.__dict__.setdefault("_digests", {})
+        if (table, shard) not in cache:
+            from tasks.artifacts.write import shard_digest
+
+            cache[(table, shard)] = shard_digest(self.fs, self.shards(table)[shard])
+        return cache[(table, shard)]
+
     def iter_batches(
         self, columns: list[str] | None = None, batch_size: int = 8192, table: str = DATA_TABLE
     ) -> Iterator[pa.RecordBatch]:

@@ -50,11 +50,11 @@ from tasks.artifacts.paths import (
 )
 from tasks.artifacts.read import Artifact
 from tasks.artifacts.stats import StageStats
-from tasks.artifacts.write import MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, ArtifactWriter
+from tasks.artifacts.write import MAX_REJECT_TEXT_CHARS, REJECT_SCHEMA, ArtifactWriter, shard_digest
 
 log = logging.getLogger("kiln.store")
 
-_UNIT_INDEX_CACHE: dict[tuple[str, Any, str], dict[str, dict[str, Any]]] = {}
+_UNIT_INDEX_CACHE: dict[tuple[str, Any, str], dict[str, dict[str, dict[str, Any]]]] = {}
 UNIT_LOCK_WAIT_SECONDS = float(os.environ.get("KILN_UNIT_LOCK_WAIT", "60"))
 
 
@@ -157,9 +157,15 @@ class Staging:
             return json.load(f)
 
     def begin_unit(
-        self, unit: int, on_rows: Any = None, on_progress: Any = None, lock_fd: int | None = None
+        self,
+        unit: int,
+        on_rows: Any = None,
+        on_progress: Any = None,
+        lock_fd: int | None = None,
+        cut_on: str | None = None,
     ) -> ArtifactWriter:
-        """Clear the shards a killed attempt at this unit left behind (not its scratch), return its writer."""
+        """Clear the shards a killed attempt at this unit left behind (not its scratch), return its writer.
+        `cut_on`: the column whose values end the data shards (a source's content-defined shards)."""
         if self.fs.exists(self.dir):
             pattern = f"part-{unit:05d}-*.parquet"
             for path in self.fs.glob(join(self.fs, self.dir, pattern)) + self.fs.glob(
@@ -172,7 +178,17 @@ class Staging:
             scratch = join(self.fs, self.dir, SCRATCH_DIR, f"{unit:05d}")
             os.makedirs(scratch, exist_ok=True)
         return ArtifactWriter(
-            self.fs, self.dir, unit, self.shard_rows, self.shard_bytes, on_rows, scratch, on_progress, lock_fd
+            self.fs,
+            self.dir,
+            unit,
+            self.shard_rows,
+            self.shard_bytes,
+            on_rows,
+            scratch,
+            on_progress,
+            lock_fd,
+            cut_on=cut_on,
+            find_prefix=self.find_prefix,
         )
 
     def finish_unit(self, unit: int, writer: ArtifactWriter, key: str | None = None) -> dict[str, Any]:
@@ -180,6 +196,8 @@ class Staging:
         result = {"unit": unit, "stats": writer.stats.to_dict(), "tables": writer.summary()}
         if key is not None:
             result["key"] = key
+        if writer.prefixes:
+            result["prefixes"] = list(writer.prefixes)
         return self._write_marker(unit, result)
 
     def _write_marker(self, unit: int, result: dict[str, Any]) -> dict[str, Any]:
@@ -268,28 +286,52 @@ class Staging:
 
     # -- unit reuse ----------------------------------------------------------------------------
 
+    @property
+    def may_reuse(self) -> bool:
+        """Whether units may come from earlier artifacts (not for a refresh, nor outside a store)."""
+        return self.reuse_units and not self.fs.exists(join(self.fs, self.dir, UNITS_DIR, NO_REUSE))
+
     def find_unit(self, key: str) -> tuple[str, dict[str, Any]] | None:
         """A unit with this key in another committed artifact of the same stage: (its directory, its
         record). Only stages that give their units keys (Stage.unit_key) record them."""
+        found = self._search([key], "key")
+        return found[:2] if found else None
+
+    def find_prefix(self, keys: list[str]) -> tuple[str, dict[str, Any], str] | None:
+        """The first of `keys` that a unit of another committed artifact of the same stage recorded among
+        its `prefixes` (ArtifactWriter.prefixes): (that artifact's directory, the unit's record, the key).
+        A stage that judges its input in order continues from there instead of starting over; none when
+        this artifact must recompute everything (a refresh)."""
+        return self._search(keys, "prefixes") if self.may_reuse else None
+
+    def _search(self, keys: list[str], field: str) -> tuple[str, dict[str, Any], str] | None:
         stage_dir = parent(self.fs, self.final_dir)
-        if not self.fs.exists(stage_dir):
+        if not keys or not self.fs.exists(stage_dir):
             return None
+        indexes = []
         for entry in sorted(self.fs.ls(stage_dir, detail=False), reverse=True):
             name = basename(entry)
             if name.startswith(".") or ".trash-" in name or entry.rstrip("/") == self.final_dir.rstrip("/"):
                 continue
-            record = self._unit_index(join(self.fs, entry, MANIFEST)).get(key)
-            if record is not None:
-                return entry, record
+            index = self._unit_index(join(self.fs, entry, MANIFEST))[field]
+            if index:
+                indexes.append((entry, index))
+        for key in keys:
+            for entry, index in indexes:
+                record = index.get(key)
+                if record is not None:
+                    return entry, record, key
         return None
 
-    def _unit_index(self, manifest_path: str) -> dict[str, dict[str, Any]]:
-        """key -> unit record of one committed artifact; parsed once per manifest version (artifacts are
-        immutable; a refreshed one has a new manifest, so size and mtime are part of the cache key)."""
+    def _unit_index(self, manifest_path: str) -> dict[str, dict[str, dict[str, Any]]]:
+        """{"key": key -> unit record, "prefixes": prefix key -> unit record} of one committed artifact;
+        parsed once per manifest version (artifacts are immutable; a refreshed one has a new manifest, so
+        size and mtime are part of the cache key)."""
+        empty: dict[str, dict[str, dict[str, Any]]] = {"key": {}, "prefixes": {}}
         try:
             info = self.fs.info(manifest_path)
         except (FileNotFoundError, NotADirectoryError):
-            return {}
+            return empty
         modified = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
         stamp = (self.fs.unstrip_protocol(manifest_path), info.get("size"), str(modified))
         index = _UNIT_INDEX_CACHE.get(stamp)
@@ -298,8 +340,12 @@ class Staging:
                 with self.fs.open(manifest_path, "r") as f:
                     manifest = json.load(f)
             except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-                return {}
-            index = {r["key"]: r for r in manifest.get("unit_results", ()) if r.get("key")}
+                return empty
+            records = manifest.get("unit_results", ())
+            index = {
+                "key": {r["key"]: r for r in records if r.get("key")},
+                "prefixes": {p: r for r in records for p in r.get("prefixes", ())},
+            }
             if len(_UNIT_INDEX_CACHE) > 256:
                 _UNIT_INDEX_CACHE.clear()
             _UNIT_INDEX_CACHE[stamp] = index
@@ -308,8 +354,7 @@ class Staging:
     def adopt_unit(self, unit: int, key: str) -> dict[str, Any] | None:
         """Copy a unit with the same key from another committed artifact instead of recomputing it; None
         if there is none. The copies are made before the marker, so a killed copy is simply redone."""
-        reuse = self.reuse_units and not self.fs.exists(join(self.fs, self.dir, UNITS_DIR, NO_REUSE))
-        found = self.find_unit(key) if reuse else None
+        found = self.find_unit(key) if self.may_reuse else None
         if found is None:
             return None
         src_dir, record = found
@@ -325,7 +370,7 @@ class Staging:
                 shards = []
                 for shard in table["shards"]:
                     renamed = new_prefix + shard[len(old_prefix) :] if shard.startswith(old_prefix) else shard
-                    self.fs.copy(join(self.fs, src_base, shard), join(self.fs, dst_base, renamed))
+                    self._link_or_copy(join(self.fs, src_base, shard), join(self.fs, dst_base, renamed))
                     shards.append(renamed)
                 tables[name] = {**table, "shards": shards}
         except FileNotFoundError:  # the source artifact went away meanwhile (gc, a refresh): recompute
@@ -339,6 +384,22 @@ class Staging:
             "reused_from": basename(src_dir),
         }
         return self._write_marker(unit, result)
+
+    def _link_or_copy(self, src: str, dst: str) -> None:
+        """A committed shard into this artifact: a hard link on local disk (artifacts are immutable and
+        nothing in the store writes into an existing file: shards are only ever created, renamed or
+        removed), a copy where links are impossible (another filesystem, an object store)."""
+        if is_local(self.fs):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dst)  # never open a path for writing that may be a link to a committed shard
+            try:
+                os.link(src, dst)
+                return
+            except FileNotFoundError:
+                raise
+            except OSError:
+                pass
+        self.fs.copy(src, dst)
 
     # -- commit --------------------------------------------------------------------------------
 
@@ -380,10 +441,14 @@ class Staging:
             }
             if None in tables[name]["shard_rows"]:  # a unit copied from an artifact that did not record them
                 del tables[name]["shard_rows"]
+            digests = [d for p in parts for d in p.get("digests", [None] * len(p["shards"]))]
+            if any(digests):  # the shards' content identities (null: computed when asked, Artifact.shard_digest)
+                tables[name]["digests"] = digests
         manifest = dict(manifest)
-        if any(r.get("key") for r in units):  # units another artifact of this stage may reuse
+        if any(r.get("key") or r.get("prefixes") for r in units):  # units another artifact of this stage may reuse
             manifest["unit_results"] = [
-                {k: r[k] for k in ("unit", "key", "stats", "tables", "reused_from") if k in r} for r in units
+                {k: r[k] for k in ("unit", "key", "prefixes", "stats", "tables", "reused_from") if k in r}
+                for r in units
             ]
         manifest.update(
             rows=tables[DATA_TABLE]["rows"],
@@ -553,6 +618,7 @@ class DuplicateIds:
         unit = record["unit"]
         data = dict(record["tables"][DATA_TABLE])
         shards, shard_rows = list(data["shards"]), list(data.get("shard_rows") or [None] * len(data["shards"]))
+        digests = list(data.get("digests") or [None] * len(shards))
         dropped_tables, old = [], []
         new_bytes = data["bytes"]
         for si, rows in sorted(drops.items()):
@@ -571,6 +637,7 @@ class DuplicateIds:
                 with self.fs.open(self._shard_path(new_name), "wb") as f:
                     pq.write_table(kept, f, compression="zstd")
                 shards[si], shard_rows[si] = new_name, kept.num_rows
+                digests[si] = shard_digest(self.fs, self._shard_path(new_name)) if is_local(self.fs) else None
             else:
                 shards[si], shard_rows[si] = None, None
         keep_idx = [i for i, s in enumerate(shards) if s is not None]
@@ -600,9 +667,12 @@ class DuplicateIds:
             "shard_rows": [shard_rows[i] for i in keep_idx],
             "rows": data["rows"] - n,
             "bytes": max(new_bytes, 0),
+            "digests": [digests[i] for i in keep_idx],
         }
         if None in tables[DATA_TABLE]["shard_rows"]:
             del tables[DATA_TABLE]["shard_rows"]
+        if not any(tables[DATA_TABLE]["digests"]):
+            del tables[DATA_TABLE]["digests"]
         tables[REJECTS_DIR] = {
             **rej,
             "shards": rej["shards"] + [rej_name],

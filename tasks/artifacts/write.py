@@ -7,13 +7,14 @@ rows_in == rows_out + rows_rejected by construction (the runner checks it at the
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.artifacts.paths import DATA_TABLE, REJECTS_DIR, ArtifactError, join
+from tasks.artifacts.paths import DATA_TABLE, REJECTS_DIR, ArtifactError, is_local, join
 from tasks.artifacts.stats import StageStats
 
 # A rejected row keeps whatever could be recovered of the record plus why it was dropped.
@@ -33,6 +34,30 @@ REJECT_SCHEMA = pa.schema(
 # Rejected raw input is kept for inspection, but a 50 MB garbage line should not be copied whole.
 MAX_REJECT_TEXT_CHARS = 65_536
 REJECT_BATCH_ROWS = 1024
+
+# Content-defined shard ends (sources): once a shard holds 1/CUT_FRACTION of the shard size (the store's
+# shard_rows), it ends after a row whose cut column hashes to 0 modulo that same number, or at the end of
+# an item (a file). So shards average about 1/8 of shard_rows, and where one ends depends on the rows
+# around the end, not on their count from the start: a document added in the middle changes one shard,
+# one added at the end none of the earlier ones, and the stages downstream copy the units of the
+# unchanged shards.
+CUT_FRACTION = 16
+# ... and such a shard is written in row groups of this many rows counted from its first row, so that its
+# bytes (its digest) follow from its rows alone, not from how the rows arrived in batches.
+CUT_ROW_GROUP = 1_024
+
+
+def shard_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The content identity of a shard file: sha256 of its bytes (128 bits, hex)."""
+    with fs.open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:32]
+
+
+def _cut_hashes(values: list[Any]) -> list[int]:
+    return [
+        int.from_bytes(hashlib.blake2b(str(v).encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+        for v in values
+    ]
 
 
 class RowBatcher:
@@ -60,7 +85,10 @@ class RowBatcher:
 
 
 class ShardWriter:
-    """Writes one table of an artifact as Parquet shards, rolling to a new shard at a size limit."""
+    """Writes one table of an artifact as Parquet shards, rolling to a new shard at a size limit.
+
+    `cut_on` (a column) makes the shard ends content-defined (see CUT_FRACTION); `digests` records each
+    shard's content identity when the store is local (Artifact.shard_digest computes it otherwise)."""
 
     def __init__(
         self,
@@ -70,6 +98,8 @@ class ShardWriter:
         max_rows: int,
         max_bytes: int,
         compression: str = "zstd",
+        cut_on: str | None = None,
+        digests: bool = False,
     ):
         self.fs = fs
         self.directory = directory
@@ -77,6 +107,9 @@ class ShardWriter:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.compression = compression
+        self.cut_on = cut_on
+        self.cut_rows = max(1, max_rows // CUT_FRACTION)  # a content-defined shard's least rows, and the spread
+        self.digests: list[str] | None = [] if digests else None
         self.shards: list[str] = []
         self.shard_rows: list[int] = []
         self.rows = 0
@@ -85,6 +118,8 @@ class ShardWriter:
         self._writer: pq.ParquetWriter | None = None
         self._file = None
         self._shard_bytes = 0
+        self._pending: list[pa.Table] = []  # content-defined shards: rows not yet in a full row group
+        self._pending_rows = 0
 
     def _open(self, schema: pa.Schema) -> None:
         name = f"{self.prefix}-{len(self.shards):04d}.parquet"
@@ -102,39 +137,85 @@ class ShardWriter:
             self.schema = data.schema
         elif not data.schema.equals(self.schema):
             data = data.cast(self.schema)
+        cuts = self._content_cuts(data)
         offset = 0
         while offset < data.num_rows:
             if self._writer is None:
                 self._open(self.schema)
             room = self.max_rows - self.shard_rows[-1]
+            at_cut = False
+            if cuts:  # the next content-defined end: the first cut row once the shard holds the minimum
+                first = offset + max(0, self.cut_rows - self.shard_rows[-1] - 1)
+                ends = [c for c in cuts if c >= first]
+                if ends and ends[0] - offset + 1 <= room:
+                    room, at_cut = ends[0] - offset + 1, True
+                cuts = [c for c in ends if c >= offset + room]
             piece = data.slice(offset, room)
-            self._writer.write(piece if isinstance(piece, pa.Table) else pa.Table.from_batches([piece]))
+            self._put(piece if isinstance(piece, pa.Table) else pa.Table.from_batches([piece]))
             offset += piece.num_rows
             self.shard_rows[-1] += piece.num_rows
             self._shard_bytes += piece.nbytes
             self.rows += piece.num_rows
             self.bytes += piece.nbytes
-            if self.shard_rows[-1] >= self.max_rows or self._shard_bytes >= self.max_bytes:
+            if at_cut or self.shard_rows[-1] >= self.max_rows or self._shard_bytes >= self.max_bytes:
                 self._close_shard()
+
+    def _put(self, table: pa.Table) -> None:
+        if self.cut_on is None:
+            self._writer.write(table)
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._pending_rows >= CUT_ROW_GROUP:
+            self._flush_groups(final=False)
+
+    def _flush_groups(self, final: bool) -> None:
+        if not self._pending_rows:
+            return
+        rows = pa.concat_tables(self._pending)
+        n = rows.num_rows if final else rows.num_rows // CUT_ROW_GROUP * CUT_ROW_GROUP
+        # contiguous columns: how the rows were chunked must not show in the file's pages either
+        self._writer.write_table(rows.slice(0, n).combine_chunks(), row_group_size=CUT_ROW_GROUP)
+        rest = rows.slice(n)
+        self._pending, self._pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+
+    def _content_cuts(self, data: pa.RecordBatch | pa.Table) -> list[int]:
+        """Rows after which a content-defined shard may end (their cut column hashes to 0 mod cut_rows)."""
+        if self.cut_on is None or self.cut_on not in data.schema.names:
+            return []
+        hashes = _cut_hashes(data.column(self.cut_on).to_pylist())
+        return [i for i, h in enumerate(hashes) if h % self.cut_rows == 0]
+
+    def end_of_item(self) -> None:
+        """An item of the input (a file) ends here: a content-defined shard that holds its least rows ends
+        with it, so an item added after it starts a shard of its own."""
+        if self.cut_on is not None and self._writer is not None and self.shard_rows[-1] >= self.cut_rows:
+            self._close_shard()
 
     def _close_shard(self) -> None:
         if self._writer is not None:
+            self._flush_groups(final=True)
             self._writer.close()
             self._file.close()
             self._writer = None
             self._file = None
+            if self.digests is not None:
+                self.digests.append(shard_digest(self.fs, join(self.fs, self.directory, self.shards[-1])))
 
     def close(self) -> None:
         self._close_shard()
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "shards": list(self.shards),
             "shard_rows": list(self.shard_rows),
             "rows": self.rows,
             "bytes": self.bytes,
             "schema": self.schema.names if self.schema else None,
         }
+        if self.digests is not None and len(self.digests) == len(self.shards):
+            out["digests"] = list(self.digests)
+        return out
 
 
 class ArtifactWriter:
@@ -165,6 +246,8 @@ class ArtifactWriter:
         scratch: str | None = None,
         on_progress: Any = None,
         lock_fd: int | None = None,
+        cut_on: str | None = None,
+        find_prefix: Any = None,
     ):
         self.fs = fs
         self.directory = directory
@@ -174,6 +257,12 @@ class ArtifactWriter:
         self.shard_bytes = shard_bytes
         self.scratch = scratch
         self.lock_fd = lock_fd
+        self.cut_on = cut_on
+        # a stage that judges its input in order (dedup_clusters) names each leading part of its input by a
+        # key (`prefixes`, recorded with the unit), and looks for an earlier artifact that judged such a
+        # part (`find_prefix(keys)` -> (directory, unit record, key) or None; Staging.find_prefix)
+        self.prefixes: list[str] = []
+        self.find_prefix = find_prefix or (lambda keys: None)
         self.stats = StageStats()
         self.tables: dict[str, ShardWriter] = {}
         self.data = self.table(DATA_TABLE)
@@ -185,9 +274,16 @@ class ArtifactWriter:
         if name not in self.tables:
             if name != DATA_TABLE and not name.replace("_", "").replace("-", "").isalnum():
                 raise ArtifactError(f"bad table name {name!r}")
-            directory = self.directory if name == DATA_TABLE else join(self.fs, self.directory, name)
+            data = name == DATA_TABLE
+            directory = self.directory if data else join(self.fs, self.directory, name)
             self.tables[name] = ShardWriter(
-                self.fs, directory, f"part-{self.unit:05d}", self.shard_rows, self.shard_bytes
+                self.fs,
+                directory,
+                f"part-{self.unit:05d}",
+                self.shard_rows,
+                self.shard_bytes,
+                cut_on=self.cut_on if data else None,
+                digests=data and is_local(self.fs),  # what the stages downstream key their units by
             )
         return self.tables[name]
 
@@ -230,6 +326,10 @@ class ArtifactWriter:
 
     def count(self, key: str, n: int | float = 1) -> None:
         self.stats.count(key, n)
+
+    def end_of_item(self) -> None:
+        """A source says an item (a file) ends here: a content-defined data shard may end with it."""
+        self.data.end_of_item()
 
     def progress(self, fraction: float, note: str = "") -> None:
         """Report how far a long unit has got (training steps, crawled pages); Prefect shows it live."""
