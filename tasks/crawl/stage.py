@@ -72,6 +72,7 @@ class CrawlStage(Stage):
     report_tables: ClassVar[tuple[str, ...]] = (REPORT_TABLE,)
     balanced = True
     unique_ids = True
+    shard_cut = "id"  # pages and files come sorted; shards end where the ids say, so a new page changes one shard
 
     def sources(self, cfg: CrawlConfig) -> list[dict[str, Any]]:
         _check_labels(cfg)

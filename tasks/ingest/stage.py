@@ -361,6 +361,7 @@ class IngestStage(Stage):
     emitter = RecordEmitter  # what turns a record into a document or a reject (sft_ingest brings its own)
     balanced = True
     unique_ids = True
+    shard_cut = "id"  # shards end where the ids say and with a large file: files added later leave them as they were
 
     def sources(self, cfg: IngestConfig) -> list[dict[str, Any]]:
         return [
@@ -393,6 +394,7 @@ class IngestStage(Stage):
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: IngestConfig, out: ArtifactWriter) -> None:
         for f in unit["files"]:
             self._read_file(f, cfg, out)
+            out.end_of_item()
 
     def _read_file(self, unit: dict[str, Any], cfg: IngestConfig, out: ArtifactWriter) -> None:
         out.stats.bytes_in += unit["size"]
