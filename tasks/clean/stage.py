@@ -150,6 +150,7 @@ class CleanStage(Stage):
     Config = CleanConfig
     balanced = True
     splittable = True
+    reuses_shards = True  # an unchanged shard's unit is copied from an earlier artifact
 
     def sources(self, cfg: CleanConfig) -> Any:
         if cfg.decontaminate is None:

@@ -112,6 +112,7 @@ class LangIdStage(Stage):
     Config = LangIdConfig
     balanced = True
     splittable = True
+    reuses_shards = True  # an unchanged shard's unit is copied from an earlier artifact
 
     def sources(self, cfg: LangIdConfig) -> Any:
         path = cfg.model_path

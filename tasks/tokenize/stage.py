@@ -184,6 +184,7 @@ class TokenizeStage(Stage):
     Config = TokenizeConfig
     balanced = True
     splittable = True
+    reuses_shards = True  # an unchanged shard's unit is copied from an earlier artifact
 
     def bindings(self, cfg: TokenizeConfig) -> dict[str, str | None]:
         # `tokenizer: DIR` in the config: no tokenizer stage is read
