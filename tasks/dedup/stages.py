@@ -7,15 +7,25 @@
                       pairs (each member linked to the bucket's first document).
     dedup_clusters    (one unit) candidate pairs verified by the true Jaccard of their shingle sets
                       (recomputed from the documents; only candidates are read), union-find over the
-                      verified pairs into connected components; inside a component, documents in
-                      survivor order are removed only if they match a kept one at the threshold;
-                      writes the removal list and the clusters.
+                      verified pairs into connected components; a document is removed only if it
+                      matches, at the threshold, a kept document of its component; writes the removal
+                      list, the verified pairs (`links`) and the clusters.
     dedup             (filter, one unit per document shard) drops the listed documents as rejects
                       with reason exact_duplicate / near_duplicate, naming the kept document.
 
 Every phase is a content-addressed artifact, so each resumes on its own and its units spread over
 Dask or Ray like any stage. A document is addressed by a 64-bit *key* (which document input, which
 shard, which row), which is also the deterministic corpus order used to pick the survivor.
+
+Growing corpora (keep: first). Documents are judged in corpus order, each against the documents before
+it only: its component is the one its verified pairs with earlier documents make, and it goes if it
+matches a document kept before it. So whether a document stays never depends on what comes after it:
+documents added at the end of the corpus can remove each other, never one already kept. That is what
+lets a run continue an earlier one: the minhash units of unchanged shards are copied (their buckets are
+not recomputed), and dedup_clusters finds the artifact that judged the longest unchanged run of leading
+shards (its unit key chains the shards' content), takes its removals and verified pairs as they are,
+and judges only the documents after them -- reading the text of just the new candidates and the kept
+documents they meet. The result is the one a run over the whole corpus from scratch gives.
 """
 
 from __future__ import annotations
@@ -29,9 +39,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.artifacts import Artifact, ArtifactStore, ArtifactWriter, fingerprint, read_unit, unit_first_row
+from tasks.artifacts.paths import is_local
 from tasks.dedup.config import DedupConfig
 from tasks.dedup.hashing import (
     MinHasher,
@@ -70,6 +82,20 @@ REMOVAL_SCHEMA = pa.schema(
 CLUSTER_SCHEMA = pa.schema(
     [("kept_doc", pa.int64()), ("kept_id", pa.string()), ("size", pa.int32()), ("members", pa.list_(pa.string()))]
 )
+# every candidate pair as judged (a before b): linked when verified. A later run rebuilds the components of
+# the documents judged before from it, without reading their texts again; the rejects are its unlinked rows.
+PAIR_SCHEMA = pa.schema(
+    [
+        ("a", pa.int64()),
+        ("b", pa.int64()),
+        ("a_id", pa.string()),
+        ("b_id", pa.string()),
+        ("jaccard", pa.float64()),
+        ("exact", pa.bool_()),  # the same normalised text
+        ("linked", pa.bool_()),
+    ]
+)
+PAIRS_TABLE = "pairs"
 
 
 def doc_key(input_index: int, shard: int, row: int | np.ndarray) -> Any:
@@ -91,10 +117,20 @@ def _one(inputs: list[Artifact], stage: str) -> Artifact:
     return found[0]
 
 
-def _read_shard(artifact: Artifact, shard: int, columns: list[str]) -> pa.Table:
+def _read_rows(artifact: Artifact, shard: int, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows `rows` (sorted) of one shard, reading only the row groups that hold them."""
     path = artifact.shards()[shard]
     with artifact.fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        pf = pq.ParquetFile(f)
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+        starts = np.concatenate(([0], np.cumsum(sizes)))
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        groups = np.unique(group_of)
+        table = pf.read_row_groups(groups.tolist(), columns=columns)
+    # a row's place in what was read: its offset in its group plus the rows of the groups read before it
+    read_before = np.concatenate(([0], np.cumsum([sizes[g] for g in groups])))
+    at = read_before[np.searchsorted(groups, group_of)] + (rows - starts[group_of])
+    return table.take(pa.array(at))
 
 
 def _text_slice(text: Any) -> str:
@@ -118,6 +154,11 @@ class MinHashStage(Stage):
 
     def fingerprint(self, cfg: DedupConfig, input_fingerprints: list[str]) -> str:
         return fingerprint(self.name, self.version, cfg.subset(self.fields), input_fingerprints)
+
+    def unit_key(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig) -> str:
+        """The shard's content and its place: the rows written name documents by input, shard and row, so
+        a unit is copied where its shard is unchanged and in the same place (shards added after it)."""
+        return self.shard_key(unit, inputs, cfg, config=cfg.subset(self.fields), whole=[], position=True)
 
     def plan(self, inputs: list[Artifact], cfg: DedupConfig) -> list[dict[str, Any]]:
         docs = inputs
@@ -276,9 +317,11 @@ class DedupClustersStage(Stage):
     """Verify candidates by true Jaccard, union-find them into clusters, choose the survivors."""
 
     name = "dedup_clusters"
-    version = 1
+    version = 2
     Config = DedupConfig
     fields = {"exact", "near", "ngram", "threshold", "keep"}
+    # what decides which documents go, beside the documents themselves (the partitions do not)
+    decisive = {"exact", "near", "ngram", "threshold", "keep", "num_perm", "bands", "rows", "seed"}
 
     def fingerprint(self, cfg: DedupConfig, input_fingerprints: list[str]) -> str:
         return fingerprint(self.name, self.version, cfg.subset(self.fields), input_fingerprints)
@@ -289,17 +332,39 @@ class DedupClustersStage(Stage):
             raise StageInputError("inputs", "dedup_clusters reads the documents as well as dedup_candidates")
         return [{"all": True}]
 
+    def prefix_keys(self, docs: list[Artifact], cfg: DedupConfig) -> list[tuple[str, int]]:
+        """(key, first doc key after it) for every leading run of document shards: the key chains the
+        settings and each shard's place and content, so it names what the judgement of the documents up
+        to there depends on -- and nothing after them."""
+        key = fingerprint(
+            f"{self.name}.prefix",
+            self.version,
+            {"config": cfg.subset(self.decisive), "minhash": MinHashStage.version, "candidates": 1},
+        )
+        out = []
+        for i, a in enumerate(docs):
+            for s in range(len(a.shards())):
+                key = fingerprint(
+                    f"{self.name}.prefix", self.version, {"before": key, "at": [i, s], "shard": a.shard_digest(s)}
+                )
+                out.append((key, int(doc_key(i, s + 1, 0))))
+        return out or [(key, 0)]
+
+    def unit_key(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig) -> str:
+        return self.prefix_keys(_documents(inputs, ("dedup_candidates",)), cfg)[-1][0]
+
     def _load(
         self, keys: np.ndarray, docs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter
     ) -> dict[int, dict[str, Any]]:
         """Shingle sets, exact hashes, lengths and ids of the candidate documents, one shard at a time."""
         info: dict[int, dict[str, Any]] = {}
+        keys = np.unique(keys)
         shard_of = keys >> _ROW_BITS
         for prefix in np.unique(shard_of):
             sel = keys[shard_of == prefix]
             inp, shard, _ = split_key(int(prefix) << _ROW_BITS)
             rows = (sel & ((1 << _ROW_BITS) - 1)).astype(np.int64)
-            table = _read_shard(docs[inp], shard, ["id", "text"]).take(pa.array(rows))
+            table = _read_rows(docs[inp], shard, rows, ["id", "text"])
             ids = table.column("id").to_pylist()
             texts = [_text_slice(t) for t in table.column("text").to_pylist()]
             norm = [normalise_for_dedup(t) for t in texts]
@@ -311,128 +376,269 @@ class DedupClustersStage(Stage):
         return info
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> None:
-        stats = out.stats
         cands = _one(inputs, "dedup_candidates")
         docs = _documents(inputs, ("dedup_candidates",))
         t = cands.read_table()
-        if t.num_rows == 0:
-            stats.extra.update(clusters=0, docs_removed=0)
-            return
-        a = t.column("a").to_numpy()
-        b = t.column("b").to_numpy()
-        exact = t.column("exact").to_numpy(zero_copy_only=False)
-        # partitions found the same pair in several bands: one edge per pair, exact if any was
-        order = np.lexsort((~exact, b, a))
+        a = t.column("a").to_numpy() if t.num_rows else np.zeros(0, np.int64)
+        b = t.column("b").to_numpy() if t.num_rows else np.zeros(0, np.int64)
+        exact = t.column("exact").to_numpy(zero_copy_only=False) if t.num_rows else np.zeros(0, bool)
+        # partitions found the same pair in several bands: one edge per pair, exact if any was; in the order
+        # the documents are judged (the later document of the pair, then the earlier)
+        order = np.lexsort((~exact, a, b))
         a, b, exact = a[order], b[order], exact[order]
         first = np.ones(a.size, bool)
         first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
         a, b, exact = a[first], b[first], exact[first]
-        stats.rows_in = int(a.size)
-        info = self._load(np.unique(np.concatenate((a, b))), docs, cfg, out)
+        out.stats.rows_in = int(a.size)
+        keys = self.prefix_keys(docs, cfg)
+        judgement = _Judgement(self, docs, cfg, out)
+        if cfg.keep == "first":
+            out.prefixes = [k for k, _ in keys]  # a later run may continue after any of these
+            judgement.in_order(a, b, exact, keys)
+        else:
+            judgement.by_length(a, b, exact)
+        judgement.write()
 
-        uf = _UnionFind()
-        linked: set[int] = set()
-        rejected = []
-        for x, y, ex in zip(a.tolist(), b.tolist(), exact.tolist()):
-            ix, iy = info[x], info[y]
-            if ex and ix["exact"] == iy["exact"]:
-                uf.union(x, y)
-                linked.update((x, y))
-                stats.rows_out += 1
-                continue
-            j = jaccard_sorted_unique(ix["shingles"], iy["shingles"]) if cfg.near else 0.0
-            if cfg.near and j >= cfg.threshold:
-                uf.union(x, y)
-                linked.update((x, y))
-                stats.rows_out += 1
+    def _verify(self, ix: dict[str, Any], iy: dict[str, Any], ex: bool, cfg: DedupConfig) -> tuple[bool, float, bool]:
+        """(linked, jaccard, same text) of a candidate pair."""
+        if ex and ix["exact"] == iy["exact"]:
+            return True, 1.0, True
+        j = jaccard_sorted_unique(ix["shingles"], iy["shingles"]) if cfg.near else 0.0
+        return bool(cfg.near and j >= cfg.threshold), j, False
+
+    @staticmethod
+    def _match(
+        im: dict[str, Any], survivors: list[int], info: dict[int, dict[str, Any]], cfg: DedupConfig
+    ) -> tuple[int | None, float, str]:
+        """The kept document `im` copies: the first with its exact text, else the most similar at the
+        threshold; (None, ...) if none."""
+        match, best = None, -1.0
+        for k in survivors:
+            ik = info[k]
+            if im["exact"] == ik["exact"]:
+                return k, 1.0, "exact_duplicate"
+            if cfg.near:
+                j = jaccard_sorted_unique(im["shingles"], ik["shingles"])
+                if j >= cfg.threshold and j > best:
+                    match, best = k, j
+        return match, best, "near_duplicate"
+
+
+class _Judgement:
+    """Which candidate documents go. keep: first -- in corpus order, each document against the kept
+    documents of the component its verified pairs with earlier documents make (see the module's
+    docstring), continuing an earlier artifact's judgement of the leading shards where one exists.
+    keep: longest -- the whole components at once (a longer document later in the corpus displaces an
+    earlier one), so that mode judges the whole corpus every time."""
+
+    def __init__(self, stage: DedupClustersStage, docs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter):
+        self.stage, self.docs, self.cfg, self.out = stage, docs, cfg, out
+        self.uf = _UnionFind()
+        self.survivors: dict[int, list[int]] = {}  # root -> kept members, in corpus order
+        self.size: dict[int, int] = {}  # root -> members
+        self.removed: dict[int, int] = {}  # doc -> the kept document it copies
+        self.ids: dict[int, str] = {}
+        self.pairs: list[tuple[int, int, float, bool, bool]] = []  # (a, b, jaccard, same text, linked)
+        self.removals: list[tuple[int, int, float, int, str]] = []  # (doc, kept, jaccard, cluster size, reason)
+
+    def _register(self, x: int, judged: bool = True) -> None:
+        """x joins the union-find: a kept survivor of its own component if judged already and not removed."""
+        if x not in self.uf.parent:
+            self.uf.parent[x] = x
+            self.survivors[x] = [x] if judged and x not in self.removed else []
+            self.size[x] = 1
+
+    def _union(self, x: int, y: int) -> None:
+        rx, ry = self.uf.find(x), self.uf.find(y)
+        if rx == ry:
+            return
+        self.uf.union(rx, ry)
+        root, other = (rx, ry) if self.uf.find(rx) == rx else (ry, rx)
+        self.survivors[root] = sorted(self.survivors[root] + self.survivors.pop(other))
+        self.size[root] += self.size.pop(other)
+
+    def _earlier(self, keys: list[tuple[str, int]]) -> int:
+        """Take the judgement of the leading shards from the earlier artifact that judged the most of them;
+        returns the first doc key left to judge (0: none found)."""
+        found = self.out.find_prefix([k for k, _ in reversed(keys)])
+        if found is None:
+            return 0
+        where, _record, key = found
+        fs = self.out.fs
+        try:
+            earlier = Artifact.open(where if is_local(fs) else fs.unstrip_protocol(where))
+            removals = earlier.read_table() if earlier.num_rows else None
+            pairs = earlier.read_table(table=PAIRS_TABLE) if earlier.table_rows(PAIRS_TABLE) else None
+        except (FileNotFoundError, OSError):  # gone meanwhile (gc): judge everything
+            return 0
+        boundary = next(end for k, end in keys if k == key)
+        if removals is not None:
+            for r in removals.filter(pc.less(removals.column("doc"), boundary)).to_pylist():
+                self.removed[r["doc"]] = r["kept_doc"]
+                self.ids[r["doc"]], self.ids[r["kept_doc"]] = r["id"], r["kept_id"]
+                self.removals.append((r["doc"], r["kept_doc"], r["jaccard"], r["cluster_size"], r["reason"]))
+        if pairs is not None:
+            pairs = pairs.filter(pc.less(pairs.column("b"), boundary))
+            for x, y, x_id, y_id, j, same, linked in zip(*(pairs.column(c).to_pylist() for c in PAIR_SCHEMA.names)):
+                self.ids[x], self.ids[y] = x_id, y_id
+                self.pairs.append((x, y, j, same, linked))
+                if linked:
+                    self._register(x)
+                    self._register(y)
+                    self._union(x, y)
+            # what this run did not redo: the pairs of the leading shards an earlier artifact judged
+            self.out.count("pairs_judged_earlier", pairs.num_rows)
+        self.out.stats.extra["continued_from"] = earlier.fingerprint
+        return boundary
+
+    def in_order(self, a: np.ndarray, b: np.ndarray, exact: np.ndarray, keys: list[tuple[str, int]]) -> None:
+        cfg = self.cfg
+        boundary = self._earlier(keys)
+        new = b >= boundary
+        na, nb, nex = a[new], b[new], exact[new]
+        # what the new pairs need: their documents, and the kept documents of the components they reach
+        need = [na, nb]
+        for x in set(na[na < boundary].tolist()):
+            if x in self.uf.parent:
+                need.append(np.array(self.survivors[self.uf.find(x)], np.int64))
+        info = self.stage._load(np.concatenate(need), self.docs, cfg, self.out) if na.size else {}
+        self.ids.update((k, v["id"]) for k, v in info.items())
+        i = 0
+        while i < nb.size:
+            y = int(nb[i])
+            while i < nb.size and nb[i] == y:
+                x = int(na[i])
+                linked, j, same = self.stage._verify(info[x], info[y], bool(nex[i]), cfg)
+                self.pairs.append((x, y, j, same, linked))
+                if linked:
+                    self._register(x)
+                    self._register(y, judged=False)  # y is judged below, once all its pairs are in
+                    self._union(x, y)
+                i += 1
+            if y not in self.uf.parent:
+                continue  # no verified pair with an earlier document: kept, and nothing to compare
+            root = self.uf.find(y)
+            match, best, reason = self.stage._match(info[y], self.survivors[root], info, cfg)
+            if match is None:
+                self.survivors[root].append(y)  # the latest document so far: the list stays in corpus order
             else:
-                rejected.append((iy["id"], ix["id"], j))
-        if rejected:
+                self.removed[y] = match
+                self.removals.append((y, match, best, self.size[root], reason))
+
+    def by_length(self, a: np.ndarray, b: np.ndarray, exact: np.ndarray) -> None:
+        cfg = self.cfg
+        info = self.stage._load(np.concatenate((a, b)), self.docs, cfg, self.out) if a.size else {}
+        self.ids.update((k, v["id"]) for k, v in info.items())
+        for x, y, ex in zip(a.tolist(), b.tolist(), exact.tolist()):
+            linked, j, same = self.stage._verify(info[x], info[y], ex, cfg)
+            self.pairs.append((x, y, j, same, linked))
+            if linked:
+                self._register(x)
+                self._register(y)
+                self._union(x, y)
+        clusters: dict[int, list[int]] = {}
+        for key in sorted(self.uf.parent):
+            clusters.setdefault(self.uf.find(key), []).append(key)
+        for members in clusters.values():
+            members.sort(key=lambda k: (-info[k]["len"], k))
+            survivors: list[int] = []
+            for m in members:
+                match, best, reason = self.stage._match(info[m], survivors, info, cfg)
+                if match is None:
+                    survivors.append(m)
+                else:
+                    self.removals.append((m, match, best, len(members), reason))
+        self.removals.sort()
+
+    def write(self) -> None:
+        """The removal list (data), the judged pairs, the pairs under the threshold (rejects) and the
+        clusters, each in corpus order; and the counts."""
+        out, cfg, ids = self.out, self.cfg, self.ids
+        below = [(x, y, j) for x, y, j, _same, linked in self.pairs if not linked]
+        if below:
+            n = len(below)
             out.reject_batch(
                 pa.RecordBatch.from_pydict(
                     {
-                        "id": [r[0] for r in rejected],
-                        "text": [None] * len(rejected),
-                        "source": [None] * len(rejected),
-                        "url": [None] * len(rejected),
-                        "lang": [None] * len(rejected),
-                        "meta": [None] * len(rejected),
-                        "reason": ["below_threshold"] * len(rejected),
+                        "id": [ids[y] for _, y, _ in below],
+                        **{c: [None] * n for c in ("text", "source", "url", "lang", "meta")},
+                        "reason": ["below_threshold"] * n,
                         "detail": [
-                            f"candidate pair with {o} has jaccard {j:.3f} < {cfg.threshold}" for _, o, j in rejected
+                            f"candidate pair with {ids[x]} has jaccard {j:.3f} < {cfg.threshold}" for x, _, j in below
                         ],
                     },
                     schema=REJECT_SCHEMA,
                 )
             )
-
-        clusters: dict[int, list[int]] = {}
-        for key in sorted(linked):
-            clusters.setdefault(uf.find(key), []).append(key)
-        removal_rows: dict[str, list] = {n: [] for n in REMOVAL_SCHEMA.names}
-        cluster_rows: dict[str, list] = {n: [] for n in CLUSTER_SCHEMA.names}
-        reasons: Counter[str] = Counter()
-        for members in clusters.values():
-            # Survivor order: corpus order, or longest first. A member is removed only as the copy of
-            # a survivor it matches at the threshold itself: a chain a~b~c with a !~ c keeps c, so no
-            # removal is ever justified by similarity to a document that is gone.
-            if cfg.keep == "longest":
-                members.sort(key=lambda k: (-info[k]["len"], k))
-            else:
-                members.sort()
-            survivors: list[int] = []
-            copies: list[tuple[int, int, float]] = []
-            for m in members:
-                im = info[m]
-                match, best = None, -1.0
-                for k in survivors:
-                    ik = info[k]
-                    if im["exact"] == ik["exact"]:
-                        match, best = k, 1.0
-                        break
-                    if cfg.near:
-                        j = jaccard_sorted_unique(im["shingles"], ik["shingles"])
-                        if j >= cfg.threshold and j > best:
-                            match, best = k, j
-                if match is None:
-                    survivors.append(m)
-                else:
-                    copies.append((m, match, best))
-            size = len(members)
-            for kept in survivors:
-                mine = [m for m, k, _ in copies if k == kept]
-                if not mine:
-                    continue
-                cluster_rows["kept_doc"].append(kept)
-                cluster_rows["kept_id"].append(info[kept]["id"])
-                cluster_rows["size"].append(len(mine) + 1)
-                cluster_rows["members"].append([info[kept]["id"]] + [info[m]["id"] for m in mine])
-            for m, kept, j in copies:
-                im, ik = info[m], info[kept]
-                reason = "exact_duplicate" if im["exact"] == ik["exact"] else "near_duplicate"
-                reasons[reason] += 1
-                removal_rows["doc"].append(m)
-                removal_rows["id"].append(im["id"])
-                removal_rows["reason"].append(reason)
-                removal_rows["kept_doc"].append(kept)
-                removal_rows["kept_id"].append(ik["id"])
-                removal_rows["jaccard"].append(j)
-                removal_rows["cluster_size"].append(size)
-        order = np.argsort(np.array(removal_rows["doc"], np.int64), kind="stable")
-        removal = pa.RecordBatch.from_pydict(removal_rows, schema=REMOVAL_SCHEMA).take(pa.array(order))
-        out.write(removal, count=False)  # rows out: the verified pairs
-        out.table("clusters").write(pa.RecordBatch.from_pydict(cluster_rows, schema=CLUSTER_SCHEMA))
-        stats.extra.update(
-            components=len(clusters),
-            clusters=len(cluster_rows["kept_doc"]),
-            docs_removed=removal.num_rows,
-            largest_cluster=max((len(m) for m in clusters.values()), default=0),
+        reasons: Counter[str] = Counter(r[4] for r in self.removals)
+        out.write(
+            pa.RecordBatch.from_pydict(
+                {
+                    "doc": [r[0] for r in self.removals],
+                    "id": [ids[r[0]] for r in self.removals],
+                    "reason": [r[4] for r in self.removals],
+                    "kept_doc": [r[1] for r in self.removals],
+                    "kept_id": [ids[r[1]] for r in self.removals],
+                    "jaccard": [r[2] for r in self.removals],
+                    "cluster_size": [r[3] for r in self.removals],
+                },
+                schema=REMOVAL_SCHEMA,
+            ),
+            count=False,  # rows out: the verified pairs
+        )
+        cols = list(zip(*self.pairs)) if self.pairs else [[]] * 5
+        out.table(PAIRS_TABLE).write(
+            pa.RecordBatch.from_pydict(
+                {
+                    "a": cols[0],
+                    "b": cols[1],
+                    "a_id": [ids[x] for x in cols[0]],
+                    "b_id": [ids[y] for y in cols[1]],
+                    "jaccard": cols[2],
+                    "exact": cols[3],
+                    "linked": cols[4],
+                },
+                schema=PAIR_SCHEMA,
+            )
+        )
+        copies: dict[int, list[int]] = {}
+        for doc, kept, *_ in self.removals:
+            copies.setdefault(kept, []).append(doc)
+        kept_docs = sorted(copies)
+        out.table("clusters").write(
+            pa.RecordBatch.from_pydict(
+                {
+                    "kept_doc": kept_docs,
+                    "kept_id": [ids[k] for k in kept_docs],
+                    "size": [len(copies[k]) + 1 for k in kept_docs],
+                    "members": [[ids[k]] + [ids[m] for m in copies[k]] for k in kept_docs],
+                },
+                schema=CLUSTER_SCHEMA,
+            )
+        )
+        roots = {self.uf.find(x) for x in self.uf.parent}
+        out.stats.rows_out = sum(1 for p in self.pairs if p[4])
+        out.stats.extra.update(
+            components=len(roots),
+            clusters=len(kept_docs),
+            docs_removed=len(self.removals),
+            largest_cluster=max((self.size[r] for r in roots), default=0),
             **{f"removed_{k}": v for k, v in sorted(reasons.items())},
         )
 
 
-# --------------------------------------------------------------------------------------------------
-# filter
+def _removals_by_shard(clusters: Artifact) -> dict[int, str]:
+    """First doc key of a shard -> a digest of the removal rows of its documents (row, reason, kept, ...)."""
+    digests: dict[int, Any] = {}
+    for batch in clusters.iter_batches(columns=["doc", "reason", "kept_id", "jaccard", "cluster_size"]):
+        cols = [batch.column(c).to_pylist() for c in batch.schema.names]
+        for doc, reason, kept_id, j, size in zip(*cols):
+            start = doc >> _ROW_BITS << _ROW_BITS
+            h = digests.get(start)
+            if h is None:
+                h = digests[start] = hashlib.sha256()
+            h.update(json.dumps([doc - start, reason, kept_id, j, size]).encode())
+    return {k: h.hexdigest()[:32] for k, h in digests.items()}
 
 
 def _chain_store(docs: list[Artifact], cfg: DedupConfig) -> str:
@@ -474,11 +680,17 @@ class DedupStage(Stage):
         read = [i["fingerprint"] for i in clusters.manifest.get("inputs", []) if i["stage"] != "dedup_candidates"]
         if read != [a.fingerprint for a in docs]:
             raise StageInputError("inputs", "the dedup_clusters artifact was computed from other documents")
+        removed = _removals_by_shard(clusters)
         return [
-            {"input": i, "shard": s, "clusters": clusters.path}
+            {"input": i, "shard": s, "clusters": clusters.path, "removed": removed.get(int(doc_key(i, s, 0)), "")}
             for i, a in enumerate(docs)
             for s in range(len(a.shards()))
         ]
+
+    def unit_key(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig) -> str:
+        """The shard's content and what is removed from it (a digest of its removal rows, placed by row): not
+        the clusters artifact, which changes whenever the corpus grows, while a shard's removals do not."""
+        return self.shard_key(unit, inputs, cfg, whole=[], removed=unit.get("removed"))
 
     def process(self, unit: dict[str, Any], inputs: list[Artifact], cfg: DedupConfig, out: ArtifactWriter) -> None:
         docs = _documents(inputs, ("dedup_clusters",))
