@@ -49,6 +49,8 @@ def test_prefect_deploy_of_the_shipped_file_and_a_worker_run(prefect_server, tmp
     label = deployment(prefect_server, "label")
     assert label["entrypoint"] == "flows/label.py:label_flow" and label["parameters"]["section"] == "feedback"
     assert label["parameters"]["config"]["feedback"]["candidates_from"] == "generate"
+    hpo = deployment(prefect_server, "hpo")
+    assert hpo["entrypoint"] == "flows/hpo/flow.py:hpo_flow" and hpo["parameters"]["config"]["hpo"]["study"] == "demo"
 
     cfg = small_config(tmp_path / "worker-store", corpus)
     run = prefect_server.post(f"/deployments/{d['id']}/create_flow_run", {"parameters": {"config": cfg}}).json()
