@@ -128,6 +128,19 @@ def test_remote_store_trains_on_local_copies_and_uploads_the_model(tmp_path, inp
     assert AutoModelForCausalLM.from_pretrained(str(local)).config.num_hidden_layers == 2
     assert os.listdir(tmp_path / "cache") == []  # the local working copy is gone once uploaded
 
+    # the remote model samples: generate copies its top-level files (weights included) to a local directory
+    from tasks.prefs import GenerateConfig, GenerateStage, PromptsConfig, PromptsStage
+
+    (tmp_path / "prompts.txt").write_text("say something\nsay more\n")
+    prompts = run_in_store(PromptsStage(), PromptsConfig(paths=[str(tmp_path / "prompts.txt")]), [], store)
+    cands = run_in_store(
+        GenerateStage(),
+        GenerateConfig(samples=1, max_new_tokens=4, template="alpaca", device="cpu"),
+        [Artifact.open(prompts.path, "prompts"), Artifact.open(art.path, "model")],
+        store,
+    )
+    assert cands.num_rows == 2
+
 
 def test_zero3_full_finetune(tmp_path, inputs):
     from transformers import AutoModelForCausalLM

@@ -40,6 +40,7 @@ from tasks.documents import parse_meta
 from tasks.eval.config import EvalCompareConfig, EvalConfig
 from tasks.eval.harness import TaskError, is_task_file
 from tasks.stage import Stage, StageInputError
+from tasks.tokenize.hf import local_model_directory
 
 log = logging.getLogger("kiln.eval")
 
@@ -126,25 +127,6 @@ class EvaluatedModel:
         return {"label": self.label, "path": self.directory, "objective": self.objective, "identity": self.identity}
 
 
-def local_model_dir(url: str) -> str:
-    """A local directory with a model artifact's top-level files (copied once from an object store)."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        return path
-    target = os.path.join(tempfile.gettempdir(), "kiln-eval-models", hashlib.sha256(url.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(target, ".complete")):
-        os.makedirs(target, exist_ok=True)
-        for remote in fs.ls(path, detail=False):
-            name = remote.rstrip("/").rsplit("/", 1)[-1]
-            if not name.startswith((".", "_")) and fs.isfile(remote):
-                fs.get(remote, os.path.join(target, name))
-        open(os.path.join(target, ".complete"), "w").close()
-    return target
-
-
 def _architecture(directory: str) -> str | None:
     try:
         with open(os.path.join(directory, "config.json")) as f:
@@ -164,7 +146,7 @@ def evaluated_model(inputs: list[Artifact], cfg: EvalConfig, fetch: bool = True)
 
     art = pick(inputs, "model", ("train", "rl"))
     if art is not None:
-        directory = local_model_dir(art.path) if fetch else art.path
+        directory = local_model_directory(art.path) if fetch else art.path
         label = cfg.label or cfg.model_from or art.stage
         return EvaluatedModel(
             directory, label, art.fingerprint, art.manifest.get("objective"), _architecture(directory)

@@ -92,9 +92,9 @@ def model_directory(inputs: list[Artifact], cfg: Any, field: str = "model_path")
     """Where the generating model is: the `model` input's artifact, or the configured path."""
     art = pick(inputs, "model", ("train",))
     if art is not None:
-        from tasks.tokenize.hf import local_directory
+        from tasks.tokenize.hf import local_model_directory
 
-        return local_directory(art.path) if "://" in art.path else art.path
+        return local_model_directory(art.path)
     path = getattr(cfg, field)
     if path is None:
         raise StageInputError(field, "no model: wire a training section (model_from) or set a model path")

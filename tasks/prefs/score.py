@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.artifacts import Artifact, ArtifactWriter, pick, read_unit
 from tasks.prefs.schema import SCORED_SCHEMA, load_messages
 from tasks.stage import Stage, StageConfig, StageInputError
+from tasks.tokenize.hf import local_model_directory
 
 _MODELS: dict[tuple[str, str], Any] = {}
 _LOCK = threading.Lock()
@@ -244,7 +245,7 @@ class ScoreStage(Stage):
         if cfg.reward_from is not None:
             if rm is None:
                 raise StageInputError("reward_from", f"no reward model artifact from {cfg.reward_from!r}")
-            check_reward_model(rm.path, "reward_from")
+            check_reward_model(local_model_directory(rm.path), "reward_from")
         i = inputs.index(candidates)
         return [{"input": i, "shard": s} for s in range(len(candidates.shards()))]
 
@@ -264,7 +265,7 @@ class ScoreStage(Stage):
 
             return each
         rm = pick(inputs, "reward_model", ("train",))
-        path = rm.path if rm is not None else cfg.reward_model_path
+        path = local_model_directory(rm.path) if rm is not None else cfg.reward_model_path
         model, tok = load_reward_model(path, cfg.device)
         return lambda prompts, replies: reward_model_scores(
             model, tok, prompts, replies, cfg.template, cfg.max_length, cfg.batch_size

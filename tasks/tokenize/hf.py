@@ -72,6 +72,29 @@ def local_directory(url: str) -> str:
         return _LOCAL_COPIES[url]
 
 
+def local_model_directory(url: str) -> str:
+    """A local directory with a model artifact's top-level files (config, weights, tokenizer; not its
+    `checkpoints/` or tables), copied once per machine from an object store. An artifact never changes,
+    so the copy, keyed by the URL, stays valid; it appears whole or not at all (copied aside, renamed)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    base = os.path.join(tempfile.gettempdir(), "kiln-models")
+    target = os.path.join(base, hashlib.sha256(url.encode()).hexdigest()[:20])
+    if not os.path.isdir(target):
+        os.makedirs(base, exist_ok=True)
+        part = tempfile.mkdtemp(prefix=".part-", dir=base)
+        for remote in fs.ls(path, detail=False):
+            name = remote.rstrip("/").rsplit("/", 1)[-1]
+            if not name.startswith((".", "_")) and fs.isfile(remote):
+                fs.get(remote, os.path.join(part, name))
+        try:
+            os.rename(part, target)
+        except OSError:  # another process's copy landed first
+            shutil.rmtree(part, ignore_errors=True)
+    return target
+
+
 _IMPORT_LOCK = threading.Lock()
 
 
