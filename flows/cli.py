@@ -95,21 +95,25 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
     from tasks.artifacts import Artifact
 
     table = Table(title=f"kiln run: {len(refs)} stage(s) in {seconds:.1f} s", title_justify="left")
-    for col in ("stage", "status", "rows in", "kept", "rejected", "seconds"):
+    for col in ("stage", "status", "units copied", "rows in", "kept", "rejected", "seconds"):
         table.add_column(col, justify="left" if col in ("stage", "status") else "right")
     notes = []
     for name, ref in refs.items():
         a = Artifact.open(ref["path"])
         st = a.manifest["stats"]
+        reuse = a.reuse()
         table.add_row(
             name,
             "cached" if ref.get("cached") else "ran",
+            f"{reuse['copied']}/{reuse['units']}" if reuse["copied"] else "-",
             f"{st['rows_in']:,}",
             f"{st['rows_out']:,}",
             f"{st['rows_rejected']:,}",
             f"{a.manifest.get('wall_seconds', st['seconds']):.2f}",
         )
         notes.append(f"[bold]{escape(name)}[/]: {escape(a.path)}")
+        if a.reuse_note() and not ref.get("cached"):  # unchanged units copied, not recomputed
+            notes.append("  " + escape(a.reuse_note()))
         if st["rejected"]:
             notes.append("  rejected by reason: " + escape(", ".join(f"{k} {v:,}" for k, v in st["rejected"].items())))
         extra = st.get("extra", {})
@@ -247,10 +251,8 @@ def inspect(
         console.print(f"input: {i['stage']} {i['fingerprint']}  {i['path']}", markup=False)
     if m.get("sources"):
         console.print(f"sources: {len(m['sources'])} file(s)")
-    reused = [u for u in m.get("unit_results", ()) if u.get("reused_from")]
-    if reused:
-        origins = sorted({u["reused_from"] for u in reused})
-        console.print(f"units copied from earlier artifacts: {len(reused)} of {m['units']} (from {', '.join(origins)})")
+    if art.reuse_note():
+        console.print(f"taken from earlier artifacts: {art.reuse_note()}", markup=False)
     console.print("config: " + json.dumps(m["config"], sort_keys=True), markup=False)
     stats = Table(title="stats", title_justify="left")
     stats.add_column("metric")

@@ -11,6 +11,7 @@ from prefect.logging import get_run_logger
 from flows.config import PipelineConfig
 from flows.plan import PlannedStage, data_stage_names, plan_pipeline, select
 from flows.stages import run_planned_stage
+from tasks.artifacts import Artifact
 
 
 def run_stages(
@@ -39,7 +40,15 @@ def run_stages(
             inputs.append(refs[up])
         refs[p.name] = run_planned_stage(p, config, inputs, refresh=p.name in forced)
         r = refs[p.name]
-        logger.info("%s %s: %s rows -> %s", p.name, "cached" if r["cached"] else "done", r.get("rows"), r["path"])
+        note = "" if r["cached"] else Artifact.open(r["path"]).reuse_note()
+        logger.info(
+            "%s %s: %s rows -> %s%s",
+            p.name,
+            "cached" if r["cached"] else "done",
+            r.get("rows"),
+            r["path"],
+            f" ({note})" if note else "",
+        )
     return {name: ref for name, ref in refs.items() if any(p.name == name for p in chosen)}
 
 

@@ -152,6 +152,8 @@ def _stats_table(artifact: Artifact) -> list[dict[str, Any]]:
         {"metric": "unit seconds (sum)", "value": st["seconds"]},
         {"metric": "wall seconds", "value": artifact.manifest.get("wall_seconds")},
         {"metric": "shards", "value": len(artifact.manifest["shards"])},
+        {"metric": "units", "value": artifact.manifest.get("units")},
+        {"metric": "taken from earlier artifacts", "value": artifact.reuse_note() or "nothing"},
     ]
     rows += [
         {"metric": f"table {name}: rows", "value": t["rows"]}
@@ -242,6 +244,8 @@ def _report_markdown(artifact: Artifact, samples: int = 3) -> str:
         f"{m.get('wall_seconds', st['seconds'])} s.",
         "",
     ]
+    if artifact.reuse_note():
+        lines += [f"Taken from earlier artifacts: {artifact.reuse_note()}.", ""]
     if st["rejected"]:
         lines += ["| rejected because | rows |", "|---|---:|"]
         lines += [f"| {reason} | {n:,} |" for reason, n in st["rejected"].items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -256,3 +257,47 @@ def test_cluster_task_runners_give_the_same_artifact(tmp_path, corpus, runner):
     )
     assert local.fingerprint == dask_art.fingerprint
     assert local.read_table().equals(dask_art.read_table())
+
+
+@pytest.mark.slow
+def test_kiln_run_on_a_grown_corpus_says_what_it_copied(tmp_path):
+    """The run summary and `kiln inspect` say, per stage, how many units came from which earlier artifact."""
+    from test_incremental import Writer
+
+    from conftest import write_jsonl
+
+    w = Writer()
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "n1.jsonl", [w.fresh(f"a{i}") for i in range(120)])
+    cfg = tmp_path / "grow.yaml"
+    cfg.write_text(
+        f"name: grow\nstore:\n  root: {tmp_path / 'store'}\n  shard_rows: 160\ningest:\n  paths: [{corpus}]\n"
+        "clean: {}\ndedup: {}\n"
+    )
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+
+    def run():
+        r = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", str(cfg)], cwd=REPO, env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    first = run()
+    assert re.search(r"clean\s*│ ran\s*│\s*-\s*│", first) and "units copied from" not in first
+    (first_clean,) = os.listdir(tmp_path / "store" / "clean")
+    write_jsonl(corpus / "n2.jsonl", [w.fresh(f"b{i}") for i in range(30)] + [w.exact("b-copy", "a5")])
+    second = run()
+    copied = {m[0]: (int(m[1]), int(m[2])) for m in re.findall(r"(\w+)\s*│ ran\s*│\s*(\d+)/(\d+)", second)}
+    before = Artifact.open(str(tmp_path / "store" / "clean" / first_clean)).manifest["units"]
+    for stage in ("clean", "minhash", "dedup"):  # the first night's shards (but its last, had the new file extended it)
+        assert copied[stage][0] >= max(4, before - 1), (stage, copied, before)
+    assert f"units copied from {first_clean}" in second
+    assert "continued the judgement of" in second  # dedup_clusters took the first night's judgement
+    (second_clean,) = set(os.listdir(tmp_path / "store" / "clean")) - {first_clean}
+    shown = kiln("inspect", str(tmp_path / "store" / "clean" / second_clean)).stdout
+    assert (
+        f"taken from earlier artifacts: {copied['clean'][0]} of {copied['clean'][1]} units copied from {first_clean}"
+        in shown
+    )

@@ -122,6 +122,32 @@ class Artifact:
                 break
         return rows
 
+    def reuse(self) -> dict[str, Any]:
+        """What this artifact took from earlier ones instead of computing it: units copied (how many, of
+        how many, from which artifacts) and, for a stage that judges in order, the artifact it continued."""
+        records = self.manifest.get("unit_results", ())
+        origins: dict[str, int] = {}
+        for r in records:
+            if r.get("reused_from"):
+                origins[r["reused_from"]] = origins.get(r["reused_from"], 0) + 1
+        out: dict[str, Any] = {"units": int(self.manifest.get("units", 0)), "copied": sum(origins.values())}
+        out["from"] = dict(sorted(origins.items(), key=lambda kv: -kv[1]))
+        continued = self.manifest.get("stats", {}).get("extra", {}).get("continued_from")
+        if continued:
+            out["continued_from"] = continued
+        return out
+
+    def reuse_note(self) -> str:
+        """reuse() in words, or "" when nothing was taken from an earlier artifact."""
+        r = self.reuse()
+        parts = []
+        if r["copied"]:
+            origins = ", ".join(f"{fp} ({n})" for fp, n in r["from"].items())
+            parts.append(f"{r['copied']} of {r['units']} units copied from {origins}")
+        if r.get("continued_from"):
+            parts.append(f"continued the judgement of {r['continued_from']}")
+        return "; ".join(parts)
+
     def ref(self) -> dict[str, Any]:
         """What flows pass between tasks: small, JSON-serialisable."""
         return {"stage": self.stage, "fingerprint": self.fingerprint, "path": self.path, "rows": self.num_rows}
