@@ -60,7 +60,11 @@ def bench_generate(policy: str, work: str, prompts: int, samples: int, max_new: 
 
     path = write_prompts(os.path.join(work, "prompts.txt"), prompts)
     settings = dict(samples=samples, temperature=1.0, max_new_tokens=max_new, template="alpaca", batch_size=16)
-    AutoModelForCausalLM.from_pretrained(policy).generate(max_new_tokens=1, do_sample=False)  # imports, warm-up
+    # warm-up: the first sampled, left-padded batch in a process pays ~5 s of one-off set-up (imports, lazy
+    # kernels), whoever calls it; pay it here so neither side below does
+    warm, warm_tok = AutoModelForCausalLM.from_pretrained(policy), AutoTokenizer.from_pretrained(policy)
+    enc = warm_tok(["a b c", "a"], return_tensors="pt", padding=True, padding_side="left")
+    warm.generate(**enc, do_sample=True, max_new_tokens=2, pad_token_id=warm_tok.pad_token_id)
     kiln, plain = [], []
     for rep in range(repeats):
         store = ArtifactStore(os.path.join(work, f"gen-store-{rep}"))

@@ -215,41 +215,10 @@ def greedy_replies(
     model: Any, tok: Any, texts: list[str], max_new_tokens: int, batch_size: int, progress: Any = None
 ) -> list[tuple[str, str]]:
     """(reply, finished) per rendered prompt, greedy: the same replies on every run."""
-    import torch
+    from tasks.prefs.generate import generate_batches
 
-    from tasks.prefs.tokenize import encode_prompt
-
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    eos = tok.eos_token_id
-    out: list[tuple[str, str]] = []
-    device = next(model.parameters()).device
-    for start in range(0, len(texts), batch_size):
-        rows = [encode_prompt(tok, t) for t in texts[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):  # left padding: every row continues from its own last token
-            ids[j, width - len(r) :] = torch.tensor(r)
-            mask[j, width - len(r) :] = 1
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=tok.pad_token_id,
-            )
-        for row in gen[:, width:].tolist():
-            if eos is not None and eos in row:
-                row, finished = row[: row.index(eos)], "eos"
-            else:
-                finished = "length"
-            out.append((tok.decode(row, skip_special_tokens=True), finished))
-        if progress:
-            progress(len(out) / max(len(texts), 1), f"{len(out)}/{len(texts)} replies")
-    return out
+    replies = generate_batches(model, tok, texts, batch_size, progress, do_sample=False, max_new_tokens=max_new_tokens)
+    return [(reply, finished) for reply, finished, _ in replies]
 
 
 def exact_match(reply: str, reference: str) -> bool:

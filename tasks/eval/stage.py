@@ -39,6 +39,7 @@ from tasks.artifacts import Artifact, ArtifactWriter, pick
 from tasks.documents import parse_meta
 from tasks.eval.config import EvalCompareConfig, EvalConfig
 from tasks.eval.harness import TaskError, is_task_file
+from tasks.prefs.score import function_identity
 from tasks.stage import Stage, StageInputError
 from tasks.tokenize.hf import local_model_directory
 
@@ -175,20 +176,6 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _function_identity(spec: str) -> dict[str, Any]:
-    import inspect
-
-    from tasks.prefs.score import load_function
-
-    fn = load_function(spec)
-    module = inspect.getmodule(fn)
-    try:
-        source = inspect.getsource(module) if module else inspect.getsource(fn)
-    except (OSError, TypeError):
-        source = repr(fn)
-    return {"function": spec, "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
-
-
 # --------------------------------------------------------------------------------------------------
 # the eval stage
 
@@ -235,7 +222,7 @@ class EvalStage(Stage):
             out["model"] = model_identity(cfg.model_path) or cfg.model_path
         reward = cfg.generation.reward if cfg.generation else None
         if reward is not None and reward.function is not None:
-            out["reward"] = _function_identity(reward.function)
+            out["reward"] = function_identity(reward.function)
         elif reward is not None and reward.reward_model_path is not None:
             out["reward"] = model_identity(reward.reward_model_path) or reward.reward_model_path
         return out or None

@@ -116,12 +116,35 @@ def _sample(model: Any, tok: Any, texts: list[str], cfg: GenerateConfig, seed: i
     import torch
 
     torch.manual_seed(seed)
-    out: list[tuple[str, str, int]] = []
-    eos = tok.eos_token_id
+    return generate_batches(
+        model,
+        tok,
+        texts,
+        cfg.batch_size,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+
+
+def generate_batches(
+    model: Any, tok: Any, texts: list[str], batch_size: int, progress: Any = None, **settings: Any
+) -> list[tuple[str, str, int]]:
+    """(reply, finished: eos | length, tokens) per rendered prompt: batches of left-padded prompts (each
+    encoded as training encodes it: `encode_prompt`) through `model.generate(**settings)`, which stops
+    a reply at the tokenizer's EOS. `progress(fraction, message)` after each batch."""
+    import torch
+
     from tasks.prefs.tokenize import encode_prompt
 
-    for start in range(0, len(texts), cfg.batch_size):
-        rows = [encode_prompt(tok, t) for t in texts[start : start + cfg.batch_size]]
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    eos = tok.eos_token_id
+    device = next(model.parameters()).device
+    out: list[tuple[str, str, int]] = []
+    for start in range(0, len(texts), batch_size):
+        rows = [encode_prompt(tok, t) for t in texts[start : start + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -130,14 +153,11 @@ def _sample(model: Any, tok: Any, texts: list[str], cfg: GenerateConfig, seed: i
             mask[j, width - len(r) :] = 1
         with torch.no_grad():
             gen = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                do_sample=True,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 eos_token_id=eos,
                 pad_token_id=tok.pad_token_id,
+                **settings,
             )
         for row in gen[:, width:].tolist():
             if eos is not None and eos in row:
@@ -145,6 +165,8 @@ def _sample(model: Any, tok: Any, texts: list[str], cfg: GenerateConfig, seed: i
             else:
                 finished = "length"
             out.append((tok.decode(row, skip_special_tokens=True), finished, len(row)))
+        if progress:
+            progress(len(out) / max(len(texts), 1), f"{len(out)}/{len(texts)} replies")
     return out
 
 

@@ -133,7 +133,8 @@ def load_function(spec: str) -> Any:
     return fn
 
 
-def _function_identity(spec: str) -> dict[str, Any]:
+def function_identity(spec: str) -> dict[str, Any]:
+    """What a reward function's results depend on: its name and its module's source."""
     fn = load_function(spec)
     module = inspect.getmodule(fn)
     try:
@@ -231,7 +232,7 @@ class ScoreStage(Stage):
         from tasks.train.model import model_identity
 
         if cfg.function is not None:
-            return _function_identity(cfg.function)
+            return function_identity(cfg.function)
         if cfg.reward_model_path is not None:
             check_reward_model(cfg.reward_model_path, "reward_model_path")
             return {"reward_model": model_identity(cfg.reward_model_path) or cfg.reward_model_path}
