@@ -1,7 +1,7 @@
 """A corpus that grows night by night: each run reuses what did not change and equals a run from scratch.
 
 Three nights of documents arrive as new files. After each night the pipeline (ingest -> clean -> minhash
--> dedup_candidates -> dedup_clusters -> dedup -> langid -> tokenize) runs into a store that holds the
+-> dedup_candidates -> dedup_clusters -> dedup -> langid -> tokenize -> pack) runs into a store that holds the
 earlier nights' artifacts, and, for comparison, into an empty store. Every artifact must be the same
 (shard by shard, byte for byte where the layout is one unit's, row for row otherwise), the unchanged
 shards' units must have been copied, and no document kept on an earlier night may be removed later.
@@ -18,6 +18,7 @@ from tasks.clean import CleanConfig, CleanStage
 from tasks.dedup import DedupCandidatesStage, DedupClustersStage, DedupConfig, DedupStage, MinHashStage
 from tasks.ingest import IngestConfig, IngestStage
 from tasks.langid import LangIdConfig, LangIdStage
+from tasks.pack import PackConfig, PackStage
 from tasks.stage import run_in_store
 from tasks.tokenize import TokenizeConfig, TokenizerConfig, TokenizerStage, TokenizeStage
 
@@ -103,7 +104,8 @@ def run_pipeline(store: ArtifactStore, corpus: str, tokenizer: Artifact) -> dict
     out["dedup_clusters"] = clusters = run_in_store(DedupClustersStage(), dedup, [cands, clean], store)
     out["dedup"] = kept = run_in_store(DedupStage(), dedup, [clean, clusters], store)
     out["langid"] = lang = run_in_store(LangIdStage(), LangIdConfig(), [kept], store)
-    out["tokenize"] = run_in_store(TokenizeStage(), TokenizeConfig(), [lang, tokenizer], store)
+    out["tokenize"] = tokens = run_in_store(TokenizeStage(), TokenizeConfig(), [lang, tokenizer], store)
+    out["pack"] = run_in_store(PackStage(), PackConfig(seq_len=64, hf_dataset=False), [tokens], store)
     return out
 
 

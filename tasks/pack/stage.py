@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.artifacts import Artifact, ArtifactWriter
+from tasks.artifacts import Artifact, ArtifactWriter, fingerprint
 from tasks.pack.binpack import pack_best_fit_decreasing, pack_concat
 from tasks.pack.hf_dataset import save_dataset_dict
 from tasks.pack.mixture import MixturePart, copies, in_validation, sampling_rates
@@ -217,6 +217,23 @@ class PackStage(Stage):
         if group:
             units.append({"shards": group})
         return units
+
+    def unit_key(self, unit: dict[str, Any], inputs: list[Artifact], cfg: PackConfig) -> str:
+        """A unit packs its own shards' documents: its key is their content (and the dataset each belongs
+        to), the config, the pad id and the mixture's sampling rates -- not the other shards, so a unit of
+        unchanged shards is copied when the corpus grows (units are consecutive shards: the new ones
+        come after)."""
+        names = _component_names(inputs, cfg)
+        return fingerprint(
+            f"{self.name}.unit",
+            self.version,
+            {
+                "config": cfg.fingerprint_config(),
+                "pad": self._pad_id(inputs, cfg),
+                "mixture": mixture_plan(inputs, cfg),
+                "shards": [[names[i], inputs[i].shard_digest(j)] for i, j in unit["shards"]],
+            },
+        )
 
     def _check_inputs(self, inputs: list[Artifact], cfg: PackConfig) -> None:
         if not inputs:
