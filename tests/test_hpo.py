@@ -118,6 +118,25 @@ def test_the_objective_and_the_sampler_are_checked_too(tmp_path):
         prepare(parse_config(two, "s.yaml"))
 
 
+def test_an_eval_objective_prunes_on_its_training_runs_validation(tmp_path):
+    data = pipeline(tmp_path / "store", tmp_path / "hpo", params={"train.optim.lr": {"low": 1e-4, "high": 1e-2}})
+    data["eval"] = {"model_from": "train", "perplexity": True}
+    data["hpo"]["objective"] = {"section": "eval", "metric": "perplexity/perplexity"}
+    o = prepare(parse_config(data)).objective
+    assert (o.kind, o.direction, o.prune_stage, o.prune_metric, o.prune_sign) == (
+        "eval",
+        "minimize",
+        "train",
+        "loss",
+        1,
+    )
+    data["hpo"]["objective"] = {"section": "eval", "metric": "hellaswag/acc_norm"}
+    o = prepare(parse_config(data)).objective
+    assert o.direction == "maximize" and o.prune_sign == -1  # a falling loss is a rising value to the study
+    search = prepare(parse_config(data))
+    assert search.trial_stages == ["train", "eval"] and "pack" in search.shared_stages
+
+
 def test_kiln_hpo_refuses_before_anything_runs(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(pipeline(tmp_path / "store", tmp_path / "hpo", params={"train.optim.lrr": {}})))
@@ -329,6 +348,36 @@ def test_a_study_of_six_trials_one_pruned_its_rerun_cached_and_best_yaml(store, 
     # and without --fresh the finished study has nothing left to run
     done = hpo_flow(config=config)
     assert len(done["trials"]) == 6 and done["best"] == again["best"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_eval_metric_as_the_objective(store, tmp_path):
+    """The objective an eval section's number (held-out perplexity of each trial's model): a trial runs the
+    training (from cache where the six-trial study above trained the same value) and the eval stage, and
+    is judged by the eval artifact's row."""
+    from flows.hpo.flow import hpo_flow
+    from tasks.artifacts import Artifact
+
+    data = pipeline(
+        store,
+        tmp_path / "hpo",
+        study="by-eval",
+        params={"train.optim.lr": {"choices": [2e-2, 3e-2]}},
+        sampler="grid",
+        n_trials=2,
+        objective={"section": "eval", "metric": "perplexity/perplexity"},
+    )
+    data["eval"] = {"model_from": "train", "perplexity": True}
+    out = hpo_flow(config=parse_config(data))
+    assert out["counts"] == {"complete": 2} and out["objective"] == "eval: perplexity/perplexity (minimize)"
+    search = prepare(parse_config(data))
+    for r in out["trials"]:
+        planned = {p.name: p for p in plan_pipeline(search.config_for({"train.optim.lr": r["train.optim.lr"]}))}
+        rows = Artifact.open(planned["eval"].path).read_table().to_pylist()
+        (ppl,) = [x["value"] for x in rows if x["task"] == "perplexity" and x["metric"] == "perplexity"]
+        assert r["value"] == ppl and r["fingerprint"] == planned["eval"].fingerprint
+    assert out["best"]["value"] == min(r["value"] for r in out["trials"])
 
 
 @pytest.mark.slow
