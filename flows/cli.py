@@ -25,8 +25,11 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Kiln: raw text to trained language models, as a Prefect pipeline of content-addressed stages.",
 )
-console = Console()
-err = Console(stderr=True)
+# Output to a terminal takes the terminal's width; output to a file or a pipe (a log, a scheduler) is not
+# cut at 80 columns, where rich would shorten a table's stage names and numbers with an ellipsis.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+console = Console(width=_WIDTH)
+err = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -96,7 +99,8 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
 
     table = Table(title=f"kiln run: {len(refs)} stage(s) in {seconds:.1f} s", title_justify="left")
     for col in ("stage", "status", "units copied", "rows in", "kept", "rejected", "seconds"):
-        table.add_column(col, justify="left" if col in ("stage", "status") else "right")
+        # a stage's name and status are never cut short on a narrow terminal: the numbers' columns wrap
+        table.add_column(col, justify="left" if col in ("stage", "status") else "right", no_wrap=col in ("stage", "status"))
     notes = []
     for name, ref in refs.items():
         a = Artifact.open(ref["path"])
@@ -117,7 +121,15 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
         if st["rejected"]:
             notes.append("  rejected by reason: " + escape(", ".join(f"{k} {v:,}" for k, v in st["rejected"].items())))
         extra = st.get("extra", {})
-        if extra.get("final_validation_loss") is not None:
+        if extra.get("job_id") is not None:  # a hosted fine-tuning job (openai_train)
+            loss = extra.get("final_train_loss")
+            notes.append(
+                f"  job {escape(str(extra['job_id']))}: model {escape(str(extra.get('fine_tuned_model')))}, "
+                f"{extra.get('trained_tokens') or 0:,} tokens trained"
+                + (f", final training loss {loss:.3f}" if loss is not None else "")
+                + f"; report: {escape(os.path.join(a.path, 'report.md'))}"
+            )
+        elif extra.get("final_validation_loss") is not None:
             scores = ", ".join(
                 f"{k} {extra['final_' + k]:.3f}"
                 for k in ("perplexity", "accuracy", "f1")

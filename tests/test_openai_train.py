@@ -412,6 +412,9 @@ def test_a_flow_run_stopped_by_its_worker_cancels_the_job(tmp_path, openai_api, 
     done = subprocess.run(kiln, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert len(openai_api.jobs) == 2 and "openai_train" in done.stdout
+    finished_job = next(j for j in openai_api.jobs.values() if j["status"] == "succeeded")
+    # kiln run's summary names the job and the model it made
+    assert f"job {finished_job['id']}: model {finished_job['fine_tuned_model']}" in done.stdout, done.stdout[-3000:]
     assert openai_api.api_key not in done.stdout + done.stderr + out + messages
     # the finished run in Prefect: the job's progress filled, its report among the run's artifacts
     [second] = [
