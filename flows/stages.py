@@ -30,7 +30,7 @@ from prefect.tasks import exponential_backoff
 from flows.config import PipelineConfig, StoreConfig
 from flows.plan import PlannedStage, store_for
 from tasks.artifacts import Artifact, ArtifactStore
-from tasks.stage import StageInputError, UnitStopped, commit_stage, plan_units, run_unit
+from tasks.stage import StageInputError, UnitStopped, commit_stage, copy_units, plan_units, run_unit
 from tasks.table import get_stage
 
 
@@ -304,15 +304,28 @@ def run_planned_stage(
             staging = store.staging(p.kind, p.fingerprint)
             if refresh:
                 staging.recompute_all()
-            units = plan_units(p.stage, _open_inputs(input_paths, p.slots), p.cfg, config.runtime.workers)
+            inputs = _open_inputs(input_paths, p.slots)
+            units = plan_units(p.stage, inputs, p.cfg, config.runtime.workers)
             n_units = len(units)
+            settled = copy_units(p.stage, p.cfg, inputs, staging, units)  # copies of earlier units: no task
+            if settled:
+                copied = [r["reused_from"] for r in settled.values() if r.get("reused_from")]
+                get_run_logger().info(
+                    "%s: %d of %d units need no work (%d copied from %s)",
+                    p.name,
+                    len(settled),
+                    n_units,
+                    len(copied),
+                    ", ".join(sorted(set(copied))) or "-",
+                )
+            todo = [i for i in range(n_units) if i not in settled]
             futures = stage_unit.with_options(**retry).map(
                 **{k: unmapped(v) for k, v in common.items()},
-                index=list(range(n_units)),
-                unit=units,
+                index=todo,
+                unit=[units[i] for i in todo],
                 n_units=unmapped(n_units),
             )
-            _follow(p.name, futures, n_units)
+            _follow(p.name, futures, len(todo))
             futures.result()  # raises the first failed unit's error
         ref = stage_commit.with_options(refresh_cache=refresh or not committed, **retry)(
             **common,

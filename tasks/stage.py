@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.artifacts import Artifact, ArtifactStore, ArtifactWriter, Staging, fingerprint
+from tasks.artifacts import Artifact, ArtifactStore, ArtifactWriter, Staging, UnitBusy, fingerprint
 
 log = logging.getLogger("kiln.stage")
 
@@ -258,6 +258,32 @@ def run_unit(
                 f"{stats.rows_rejected} rejected: every row read must be kept or rejected with a reason"
             )
         return staging.finish_unit(index, writer, key=key)
+
+
+def copy_units(
+    stage: Stage, cfg: StageConfig, inputs: list[Artifact], staging: Staging, units: list[dict[str, Any]]
+) -> dict[int, dict[str, Any]]:
+    """The units that need no work, settled at once: those an earlier attempt finished, and those whose
+    key an earlier artifact of the stage recorded (copied from it now, each under its lock; one a live
+    run is writing is left to its task). {index: result}. A flow runs tasks only for the others: on a
+    grown corpus most units are copies, and a copy costs a few hard links, less than a task."""
+    settled: dict[int, dict[str, Any]] = {}
+    if not staging.may_reuse:
+        return settled
+    for i, unit in enumerate(units):
+        done = staging.unit_result(i)
+        if done is None:
+            key = stage.unit_key(unit, inputs, cfg)
+            if key is None or staging.find_unit(key) is None:
+                continue
+            try:
+                with staging.lock_unit(i, wait_seconds=0):
+                    done = staging.unit_result(i) or staging.adopt_unit(i, key)
+            except UnitBusy:
+                continue
+        if done is not None:
+            settled[i] = done
+    return settled
 
 
 def manifest_header(stage: Stage, cfg: StageConfig, inputs: list[Artifact], fp: str) -> dict[str, Any]:
