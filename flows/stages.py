@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 from typing import Any
 
 from prefect import task, unmapped
@@ -68,7 +69,7 @@ def stage_unit(
     config = stage.Config.model_validate(cfg)
     inputs = _open_inputs(input_paths, slots)
     staging = _store(store_cfg).staging(kind, fp)
-    with _forward_stage_logs():
+    with _forward_stage_logs(), _stopped_when_cancelled(stage, staging.dir, stage_name):
         try:
             result = run_unit(
                 stage, config, inputs, staging, index, unit, on_progress=_unit_progress(stage_name, index)
@@ -90,6 +91,50 @@ def stage_unit(
     )
     tables = result["tables"]
     return {"unit": index, "rows": tables["data"]["rows"], "rejects_rows": tables["rejects"]["rows"]}
+
+
+CANCEL_POLL_S = 2.0
+
+
+@contextlib.contextmanager
+def _stopped_when_cancelled(stage: Any, directory: str, stage_name: str):
+    """While a stoppable unit (training ranks, a hosted job) runs, watch its flow run: once the run is
+    cancelled -- in the UI, or through the API -- ask the stage to stop the unit (`Stage.stop`), which then
+    ends with UnitStopped, keeping its checkpoints. A Prefect worker or `kiln serve` cancels a run by
+    signalling its process; a run that `kiln run` executes in-process gets no signal, hence this watch."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    flow_run_id = ctx.task_run.flow_run_id if ctx is not None else None
+    if not stage.stoppable or flow_run_id is None:
+        yield
+        return
+    done = threading.Event()
+    log = logging.getLogger("kiln")
+
+    def watch() -> None:
+        from prefect.client.orchestration import get_client
+
+        cancelled = False
+        with get_client(sync_client=True) as client:
+            while not done.wait(CANCEL_POLL_S):
+                if not cancelled:
+                    try:
+                        state = client.read_flow_run(flow_run_id).state
+                    except Exception:  # the API away for a moment: ask again at the next poll
+                        continue
+                    cancelled = state is not None and (state.is_cancelling() or state.is_cancelled())
+                # once cancelled, until the unit has something to stop (it may still be checking its inputs)
+                if cancelled and stage.stop(directory, "the flow run was cancelled"):
+                    log.warning("%s: the flow run was cancelled; stopping the unit", stage_name)
+                    return
+
+    watcher = threading.Thread(target=watch, name=f"kiln-cancel-watch-{stage_name}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _unit_progress(stage_name: str, index: int):

@@ -102,6 +102,14 @@ class Stage(ABC):
     # a source: the data shards end where this column's values say (content-defined, see
     # tasks/artifacts/write.py), so documents added later leave the shards of the earlier ones as they were
     shard_cut: ClassVar[str | None] = None
+    # a unit runs long outside this process (training ranks, a hosted job): while it runs, the Prefect
+    # layer watches its flow run and, when the run is cancelled, calls stop(directory) (see flows/stages.py)
+    stoppable: ClassVar[bool] = False
+
+    def stop(self, directory: str, reason: str) -> bool:
+        """Stop the unit being written into the staging `directory` (a stoppable stage); True if one was.
+        The unit then raises UnitStopped and keeps what a rerun resumes from."""
+        return False
 
     def sources(self, cfg: StageConfig) -> Any:
         """Identity of what the stage reads from outside the store (None if nothing)."""

@@ -225,13 +225,16 @@ def test_stop_cancels_the_job_of_a_unit_running_in_this_process(tmp_path, openai
     worker = threading.Thread(target=run)
     worker.start()
     openai_api.wait_for(running_job)
-    assert OpenAITrainStage.stop() == 1
+    stage = OpenAITrainStage()
+    directory = store.staging(stage.name, stage.fingerprint(cfg(), [export.fingerprint])).dir
+    assert not stage.stop(str(tmp_path / "another-unit"), "cancelled")  # only the unit writing there
+    assert stage.stop(directory, "cancelled")
     worker.join(timeout=60)
     [job] = openai_api.jobs.values()
     assert job["status"] == "cancelled"
     [error] = raised
     assert isinstance(error, OpenAIJobCancelled) and "SIGTERM received" in str(error)
-    assert OpenAITrainStage.stop() == 0
+    assert not stage.stop(directory, "cancelled")
 
 
 def test_following_gives_up_on_lasting_errors_and_the_job_goes_on(tmp_path, openai_api):

@@ -268,3 +268,58 @@ def test_sigkill_of_kiln_run_leaves_no_launcher_or_rank_and_the_rerun_resumes(tm
     assert got[200] == pytest.approx(ref[200], rel=1e-5, abs=1e-6)
     done = json.load(open(train_dir / "metrics.json"))
     assert done["steps"] == 200
+
+
+@pytest.mark.slow
+def test_a_flow_run_cancelled_through_the_api_stops_its_in_process_training(tmp_path, prefect_server):
+    """`kiln run` executes its flow run in its own process, so Prefect's cancellation (the UI's Cancel: the
+    run's state set to CANCELLING) sends it no signal: the unit's watcher sees the state and stops the
+    launcher and ranks. The run ends, nothing is committed, the checkpoints stay, and a rerun resumes."""
+    root = tmp_path / "store"
+    cfg_path = tmp_path / "cancel.yaml"
+    cfg_path.write_text(
+        TRAIN_YAML.format(root=root, data=os.path.join(REPO, "examples", "data", "stdlib_docstrings.jsonl"))
+    )
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(cfg_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=prefect_server.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        latest = None
+        deadline = time.monotonic() + 300
+        while latest is None:
+            found = list((root / "train").glob(".staging-*/checkpoints/latest")) if (root / "train").exists() else []
+            latest = found[0] if found else None
+            assert proc.poll() is None and time.monotonic() < deadline, "kiln run ended before the first checkpoint"
+            time.sleep(0.1)
+        staging = latest.parent.parent
+        spec = str(staging / "_scratch")
+        assert _ours(spec), "no launcher or rank seen"
+        runs = prefect_server.post(
+            "/flow_runs/filter",
+            {"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}, "flows": {"name": {"any_": ["kiln-pipeline"]}}},
+        ).json()
+        [run] = runs
+        r = prefect_server.post(f"/flow_runs/{run['id']}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+        assert r.status_code in (200, 201), r.text
+        cancelled_at = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.monotonic() - cancelled_at < 60
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 10
+    while _ours(spec) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _ours(spec), "a launcher or rank outlived the cancelled run"
+    assert not [d for d in (root / "train").iterdir() if not d.name.startswith(".")]  # nothing committed
+    kept = (staging / "checkpoints" / "latest").read_text()
+    assert kept.startswith("step") and int(kept[4:]) < 200
+    units = prefect_server.post(
+        "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}, "task_runs": {"name": {"like_": "train["}}}
+    ).json()
+    assert [u["state_type"] for u in units] == ["CANCELLED"], units
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed" in again.stdout + again.stderr

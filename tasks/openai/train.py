@@ -163,10 +163,11 @@ class OpenAITrainStage(Stage):
     def bindings(self, cfg: OpenAITrainConfig) -> dict[str, str | None]:
         return {"data": "openai_export"}
 
-    @staticmethod
-    def stop() -> int:
-        """Stop this process's running units: each cancels its job (see stop_followers)."""
-        return stop_followers()
+    stoppable = True
+
+    def stop(self, directory: str, reason: str) -> bool:
+        """Stop the unit writing `directory`: its follower cancels the job (see stop_followers)."""
+        return stop_followers(directory) > 0
 
     @staticmethod
     def _export(inputs: list[Artifact], cfg: OpenAITrainConfig) -> tuple[Artifact, dict[str, Any], str]:
@@ -371,17 +372,17 @@ def _follower_preexec() -> None:  # in the child, between fork and exec: no impo
     die_with_parent(signal.SIGKILL)
 
 
-_LIVE: set[subprocess.Popen] = set()  # this process's followers, for stop_followers
+_LIVE: dict[subprocess.Popen, str] = {}  # this process's followers and the unit directory each writes
 _LIVE_LOCK = threading.Lock()
 
 
-def stop_followers() -> int:
-    """Ask every follower this process started to stop: each cancels its job, and its stage then fails
-    as cancelled. For an orchestrator whose cancellation does not reach the follower as a signal (see
-    the README: a flow run cancelled in Prefect's UI while `kiln run` runs it in-process); returns how
-    many were asked."""
+def stop_followers(directory: str | None = None) -> int:
+    """Ask the follower writing `directory` (or every follower this process started) to stop: each cancels
+    its job, and its stage then fails as cancelled. For an orchestrator whose cancellation does not reach
+    the follower as a signal (a flow run cancelled in Prefect's UI while `kiln run` runs it in-process:
+    the Prefect layer calls the stage's stop); returns how many were asked."""
     with _LIVE_LOCK:
-        live = [p for p in _LIVE if p.poll() is None]
+        live = [p for p, d in _LIVE.items() if p.poll() is None and directory in (None, d)]
     for p in live:
         p.send_signal(signal.SIGTERM)
     return len(live)
@@ -404,12 +405,12 @@ def follow(spec_path: str, out: ArtifactWriter) -> dict[str, Any]:
         pass_fds=tuple(fd for fd in (out.lock_fd,) if fd is not None),
     )
     with _LIVE_LOCK:
-        _LIVE.add(proc)
+        _LIVE[proc] = out.directory
     try:
         return _stream(proc, out)
     finally:
         with _LIVE_LOCK:
-            _LIVE.discard(proc)
+            _LIVE.pop(proc, None)
 
 
 def _stream(proc: subprocess.Popen, out: ArtifactWriter) -> dict[str, Any]:

@@ -32,6 +32,11 @@ class RLStage(Stage):
     version = 1
     Config = RLConfig
 
+    stoppable = True
+
+    def stop(self, directory: str, reason: str) -> bool:
+        return launch.request_stop(directory, reason)
+
     def bindings(self, cfg: RLConfig) -> dict[str, str | None]:
         return {"prompts": "prompts", "policy": cfg.policy.from_, "reward_model": cfg.reward_from}
 

@@ -49,6 +49,29 @@ def observing(output_dir: str, observer: Callable[[dict[str, Any]], None]) -> It
                 del _observers[output_dir]
 
 
+# The launchers running in this process, by their run's output directory, and why a caller asked one to
+# stop (a flow run cancelled in the UI while `kiln run` runs it in-process: no signal reaches the process).
+_live: dict[str, subprocess.Popen] = {}
+_stop_requests: dict[str, str] = {}
+_live_lock = threading.Lock()
+
+
+def request_stop(output_dir: str, reason: str) -> bool:
+    """Stop the run that writes `output_dir`: its launcher and ranks get SIGTERM (its checkpoints stay for
+    a rerun to resume from) and `run` raises UnitStopped(reason). False when no such run is live here."""
+    with _live_lock:
+        proc = _live.get(output_dir)
+        if proc is None or proc.poll() is not None:
+            return False
+        _stop_requests[output_dir] = reason
+    log.warning("stopping the run writing %s: %s", output_dir, reason)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    return True
+
+
 def notify(output_dir: str, event: dict[str, Any]) -> None:
     with _observers_lock:
         observers = list(_observers.get(output_dir, ()))
@@ -265,6 +288,8 @@ def run(
     current_rank: int | None = None
     root_rank: int | None = None
     in_root_cause = False
+    with open(run_json) as f:
+        output_dir = json.load(f).get("output_dir")
     proc = subprocess.Popen(
         cmd,
         env=env,
@@ -278,6 +303,9 @@ def run(
         ),
         pass_fds=tuple(fd for fd in keep_fds if fd is not None),
     )
+    if output_dir:
+        with _live_lock:
+            _live[output_dir] = proc
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -302,6 +330,15 @@ def run(
     except BaseException:
         _kill_group(proc)
         raise
+    finally:
+        with _live_lock:
+            _live.pop(output_dir, None)
+            stopped = _stop_requests.pop(output_dir, None)
+    if stopped is not None and code != 0:
+        from tasks.stage import UnitStopped
+
+        _kill_group(proc)  # the ranks too, should one have outlived its launcher
+        raise UnitStopped(stopped)
     if code != 0:
         finished = {e.get("rank") for e in events if e.get("kiln") == "finished"}
         if not errors and finished >= set(range(world_size(cfg))):

@@ -34,6 +34,11 @@ class TrainStage(Stage):
     version = 2
     Config = TrainConfig
 
+    stoppable = True
+
+    def stop(self, directory: str, reason: str) -> bool:
+        return launch.request_stop(directory, reason)
+
     def sources(self, cfg: TrainConfig) -> Any:
         from tasks.train.model import model_identity
 
