@@ -102,6 +102,34 @@ def test_trained_tokenizer_is_a_loadable_deterministic_artifact(base, tmp_path):
     assert TokenizerStage().fingerprint(TokenizerConfig(vocab_size=601), [base["docs"].fingerprint]) != art.fingerprint
 
 
+def test_the_tokenizer_stage_output_loads_as_autotokenizer_would_without_torch(base, tmp_path):
+    """load_tokenizer takes the generic fast class directly for the tokenizer stage's output (no torch
+    import): the same class, vocabulary, special tokens, chat template and encodings as AutoTokenizer."""
+    import subprocess
+    import sys
+
+    from tasks.tokenize.hf import _generic_fast, load_tokenizer
+
+    path = base["tok"].path
+    assert _generic_fast(path)
+    direct, auto = load_tokenizer(path, "tokenizer"), load(path)
+    assert type(direct) is type(auto) and len(direct) == len(auto) and direct.get_vocab() == auto.get_vocab()
+    assert direct.special_tokens_map == auto.special_tokens_map and direct.chat_template == auto.chat_template
+    assert direct.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    text = "A docstring, <|eos|> inside it, and ünïcödé 🙂.\n\n    indented()"
+    assert direct(text)["input_ids"] == auto(text)["input_ids"]
+    probe = (
+        "import sys; from tasks.tokenize.hf import load_tokenizer; "
+        f"load_tokenizer({path!r}, 'tokenizer'); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
+    # a model directory (config.json beside the tokenizer) is left to AutoTokenizer
+    shutil.copytree(path, tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert not _generic_fast(str(tmp_path / "model"))
+
+
 def test_tokenizer_path_errors_name_the_field(tmp_path):
     missing = str(tmp_path / "no-such-tokenizer")
     with pytest.raises(StageInputError, match=r"^path: no such tokenizer directory: .*no-such-tokenizer"):

@@ -9,6 +9,7 @@ never reuses a cached tokenization.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -108,11 +109,34 @@ def from_transformers(*names: str) -> tuple[Any, ...]:
         return tuple(getattr(transformers, n) for n in names)
 
 
+# tokenizer_config.json classes that AutoTokenizer resolves to the generic fast tokenizer
+_GENERIC_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _generic_fast(path: str) -> bool:
+    """Whether AutoTokenizer would load this directory as the generic fast tokenizer (what the tokenizer
+    stage writes): tokenizer.json, a tokenizer_config.json naming the generic class without remote code,
+    and no model config.json or Mistral tekken.json that could make it pick another class."""
+    names = set(os.listdir(path))
+    if "tokenizer.json" not in names or "tokenizer_config.json" not in names or names & {"config.json", "tekken.json"}:
+        return False
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(config, dict) and config.get("tokenizer_class") in _GENERIC_FAST_CLASSES and "auto_map" not in config
+    )
+
+
 def load_tokenizer(path: str, field: str) -> Any:
     """A transformers fast tokenizer from a local directory, never from the hub. Cached per process:
-    the files' sizes and mtimes are part of the key, so a tokenizer rewritten in place is reloaded."""
-    (AutoTokenizer,) = from_transformers("AutoTokenizer")
+    the files' sizes and mtimes are part of the key, so a tokenizer rewritten in place is reloaded.
 
+    The generic fast tokenizer (the tokenizer stage's output) is loaded by its class directly: AutoTokenizer
+    comes to the same class, but importing it imports torch (transformers' model configs), ~1 s of a
+    tokenize run that only needed the Rust tokenizer."""
     if not os.path.isdir(path):
         raise StageInputError(field, f"no such tokenizer directory: {path!r}")
     stamp = []
@@ -124,8 +148,9 @@ def load_tokenizer(path: str, field: str) -> Any:
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]
+    (loader,) = from_transformers("PreTrainedTokenizerFast" if _generic_fast(path) else "AutoTokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = loader.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for unusable directories
         raise StageInputError(field, f"cannot load a tokenizer from {path!r}: {type(e).__name__}: {e}") from e
     if not _has_fast_backend(tok):
