@@ -100,7 +100,9 @@ def _print_run_summary(refs: dict[str, dict[str, Any]], seconds: float) -> None:
     table = Table(title=f"kiln run: {len(refs)} stage(s) in {seconds:.1f} s", title_justify="left")
     for col in ("stage", "status", "units copied", "rows in", "kept", "rejected", "seconds"):
         # a stage's name and status are never cut short on a narrow terminal: the numbers' columns wrap
-        table.add_column(col, justify="left" if col in ("stage", "status") else "right", no_wrap=col in ("stage", "status"))
+        table.add_column(
+            col, justify="left" if col in ("stage", "status") else "right", no_wrap=col in ("stage", "status")
+        )
     notes = []
     for name, ref in refs.items():
         a = Artifact.open(ref["path"])

@@ -152,7 +152,9 @@ def test_artifacts_readable_through_the_api(prefect_server, served):
         arts = prefect_server.post(
             "/artifacts/filter", {"artifacts": {"key": {"any_": ["ingest-stats", "ingest-report"]}}}
         ).json()
-        tables = [a["data"] if isinstance(a["data"], list) else json.loads(a["data"]) for a in arts if a["type"] == "table"]
+        tables = [
+            a["data"] if isinstance(a["data"], list) else json.loads(a["data"]) for a in arts if a["type"] == "table"
+        ]
         reports = [a["data"] for a in arts if a["type"] == "markdown"]
         return tables, reports
 
