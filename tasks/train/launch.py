@@ -72,6 +72,16 @@ def request_stop(output_dir: str, reason: str) -> bool:
     return True
 
 
+def _output_dir(run_json: str) -> str | None:
+    """The run's output directory (the key request_stop finds it by); None when the spec has none."""
+    try:
+        with open(run_json) as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return spec.get("output_dir") if isinstance(spec, dict) else None
+
+
 def notify(output_dir: str, event: dict[str, Any]) -> None:
     with _observers_lock:
         observers = list(_observers.get(output_dir, ()))
@@ -288,8 +298,7 @@ def run(
     current_rank: int | None = None
     root_rank: int | None = None
     in_root_cause = False
-    with open(run_json) as f:
-        output_dir = json.load(f).get("output_dir")
+    output_dir = _output_dir(run_json)
     proc = subprocess.Popen(
         cmd,
         env=env,
