@@ -22,6 +22,7 @@ import psutil
 
 from flows.config import ConfigError
 from flows.hpo.space import Search
+from tasks import journal
 from tasks.stage import UnitStopped
 
 log = logging.getLogger("kiln.hpo")
@@ -242,17 +243,7 @@ def record_path(staging: Any) -> str | None:
 
 def read_record(path: str | None) -> dict[int, dict[str, Any]]:
     """Validation events by step (a resumed run streams some again: the last one counts)."""
-    out: dict[int, dict[str, Any]] = {}
-    if path is None or not os.path.exists(path):
-        return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            out[int(event["step"])] = event
-    return out
+    return {int(event["step"]): event for event in journal.read(path)}
 
 
 class TrialPruning:
@@ -293,9 +284,7 @@ class TrialPruning:
         if event.get("kiln") != "validation" or self.metric not in event:
             return
         if self.record is not None:
-            os.makedirs(os.path.dirname(self.record), exist_ok=True)
-            with open(self.record, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event) + "\n")
+            journal.append(self.record, event)
         if self.offer(int(event["step"]), float(event[self.metric])):
             raise UnitStopped(self.reason())
 

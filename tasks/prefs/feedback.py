@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks import journal
 from tasks.artifacts import Artifact, ArtifactWriter, pick
 from tasks.prefs.schema import PAIRS_SCHEMA, load_messages
 from tasks.prefs.score import RuleConfig, load_function
@@ -120,27 +121,12 @@ def offered_pairs(candidates: Artifact, cfg: FeedbackConfig) -> list[dict[str, A
 def read_journal(path: str, candidates_fp: str) -> list[dict[str, Any]]:
     """The UI answers recorded so far for these candidates (a line cut by a kill is ignored: it was never
     acknowledged)."""
-    out = []
-    if not os.path.exists(path):
-        return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("candidates") == candidates_fp:
-                out.append(record)
-    return out
+    return [record for record in journal.read(path) if record.get("candidates") == candidates_fp]
 
 
 def append_answer(path: str, answer: dict[str, Any]) -> None:
     """One answer, on disk before the next pair is shown (fsynced)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(answer, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    journal.append(path, answer, sync=True)
 
 
 def read_answer_file(path: str) -> list[tuple[int, dict[str, Any]]]:
