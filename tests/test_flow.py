@@ -15,6 +15,8 @@ from tasks.ingest import IngestConfig
 from tasks.stage import Stage, StageConfig
 from tasks.table import register_stage
 
+from train_fixtures import TINY_LLAMA
+
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
@@ -187,16 +189,7 @@ def test_training_in_the_flow_reports_progress_logs_and_loss_curve(tmp_path):
             "tokenize": {},
             "pack": {"seq_len": 64},
             "train": {
-                "model": {
-                    "init": {
-                        "model_type": "llama",
-                        "hidden_size": 32,
-                        "intermediate_size": 64,
-                        "num_hidden_layers": 1,
-                        "num_attention_heads": 2,
-                        "num_key_value_heads": 2,
-                    }
-                },
+                "model": {"init": TINY_LLAMA},
                 "max_steps": 6,
                 "micro_batch_size": 2,
                 "eval_every": 3,
@@ -251,14 +244,6 @@ def test_two_training_sections_the_second_starts_from_the_first(tmp_path):
         ]
         * 4,
     )
-    tiny = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-    }
     cfg = PipelineConfig.model_validate(
         {
             "store": {"root": str(tmp_path / "store")},
@@ -270,7 +255,7 @@ def test_two_training_sections_the_second_starts_from_the_first(tmp_path):
             "pack": {"seq_len": 64, "inputs": {"sft_tokenize": None}},  # pretraining text only
             "sft_pack": {"kind": "pack", "seq_len": 256, "validation_fraction": 0.2, "inputs": {"tokenize": None}},
             "train": {
-                "model": {"init": tiny},
+                "model": {"init": TINY_LLAMA},
                 "max_steps": 4,
                 "micro_batch_size": 2,
                 "eval_every": 4,

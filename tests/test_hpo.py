@@ -23,15 +23,7 @@ from flows.hpo.space import prepare
 from flows.plan import plan_pipeline
 
 from conftest import REPO
-
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+from train_fixtures import TINY_LLAMA
 
 
 def pipeline(store, hpo_dir, **hpo) -> dict:
@@ -44,7 +36,7 @@ def pipeline(store, hpo_dir, **hpo) -> dict:
         "tokenize": {},
         "pack": {"seq_len": 64, "validation_fraction": 0.1},
         "train": {
-            "model": {"init": TINY},
+            "model": {"init": TINY_LLAMA},
             "max_steps": 8,
             "micro_batch_size": 4,
             "eval_every": 4,

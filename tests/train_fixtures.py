@@ -76,6 +76,17 @@ def make_packed(directory: str, tokenizer_dir: str, seq_len: int = 64, fp: str =
     return _as_artifact(directory, "pack", fp)
 
 
+# the 1-layer Llama the pipeline tests train (random init, a few seconds a run on 2 CPU ranks)
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+
 CHARS = "abcdefghijklmnopqrstuvwxyz .,?!"
 
 
