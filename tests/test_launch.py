@@ -65,6 +65,40 @@ def test_a_rank_error_fails_the_run_even_if_others_finished(monkeypatch):
         launch.run(CFG, "unused.json")
 
 
+TORCHRUN_SUMMARY = """
+print("Failures:")
+print("  rank      : 0 (local_rank: 0)")
+print("  exitcode  : -15 (pid: 11)  (SIGTERM)")
+print("Root Cause (first observed failure):")
+print("  rank      : 1 (local_rank: 1)")
+print("  exitcode  : -6 (pid: 12)  (SIGABRT)", flush=True)
+raise SystemExit(1)
+"""
+
+
+def test_a_rank_that_reported_its_error_then_aborted_is_explained_by_its_error(monkeypatch):
+    """Both ranks stop on a NaN loss and say so; rank 1 then aborts on its way out ("terminate called
+    without an active exception") and torchrun names that abort as the root cause: the error is the
+    cause, not the abort."""
+    nan = "loss is nan at step 2; stopping"
+    group(
+        monkeypatch,
+        events(
+            {"kiln": "error", "rank": 0, "error": nan, "kind": "non_finite_loss"},
+            {"kiln": "error", "rank": 1, "error": nan, "kind": "non_finite_loss"},
+        )
+        + TORCHRUN_SUMMARY,
+    )
+    with pytest.raises(TrainLaunchError, match="training stopped on rank 0: loss is nan at step 2"):
+        launch.run(CFG, "unused.json")
+
+
+def test_a_rank_killed_without_a_word_is_the_cause(monkeypatch):
+    group(monkeypatch, TORCHRUN_SUMMARY)
+    with pytest.raises(TrainLaunchError, match="rank 1 was killed by SIGABRT"):
+        launch.run(CFG, "unused.json")
+
+
 def test_clean_exit_returns_the_events(monkeypatch):
     group(monkeypatch, events({"kiln": "step", "step": 1, "loss": 2.5}))
     assert launch.run(CFG, "unused.json") == [{"kiln": "step", "step": 1, "loss": 2.5}]

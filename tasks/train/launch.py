@@ -400,8 +400,12 @@ def _explain(
     code: int, errors: list[dict[str, Any]], dead: dict[int, int], tail: list[str], root_rank: int | None = None
 ) -> str:
     # A rank killed by a signal is the cause; the others then fail on broken collectives or are stopped
-    # by torchrun with SIGTERM, so the root cause (or a non-SIGTERM death) comes first.
-    order = sorted(dead.items(), key=lambda kv: (kv[0] != root_rank, kv[1] == -signal.SIGTERM, kv[0]))
+    # by torchrun with SIGTERM, so the root cause (or a non-SIGTERM death) comes first. A rank that
+    # reported its error and then died on the way out (a C++ thread's abort at exit) is explained by its
+    # error, and once a rank reported one, a SIGTERM is torchrun stopping the others.
+    reported = {e.get("rank") for e in errors}
+    causes = {r: c for r, c in dead.items() if r not in reported and not (errors and c == -signal.SIGTERM)}
+    order = sorted(causes.items(), key=lambda kv: (kv[0] != root_rank, kv[1] == -signal.SIGTERM, kv[0]))
     if order and order[0][1] < 0:
         rank, exitcode = order[0]
         try:
