@@ -3,13 +3,16 @@
 Files are read through fsspec, so local paths, s3:// and https:// URLs all work. A damaged file keeps
 its good records: when warcio cannot go on, the reader counts the bad record and resynchronises at
 the next record boundary (the next gzip member of a .warc.gz, the next `WARC/1.` line of a plain
-.warc). Truncated records are recognised by their unread remainder, altered ones by their digests.
+.warc). Gzip members are decompressed strictly (`_GzipMember`): warcio's reader goes on past a deflate
+error. Truncated records are recognised by their unread remainder, altered ones by their digests.
 """
 
 from __future__ import annotations
 
 import glob as globlib
+import io
 import re
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +36,7 @@ KNOWN_RECORD_TYPES = frozenset(
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _WARC_LINE = re.compile(rb"(?:^|\r?\n)WARC/1\.[01]\r?\n")
 _SCAN_CHUNK = 1 << 20
+_MEMBER_READ = 1 << 16
 ANALYSE_BATCH_RECORDS = 64
 ANALYSE_BATCH_BYTES = 32 << 20
 
@@ -152,10 +156,113 @@ def _read_record(record: Any, max_bytes: int) -> dict[str, Any]:
     return item
 
 
+class _GzipMember(io.RawIOBase):
+    """The decompressed bytes of the one gzip member that starts at `start`, checked strictly.
+
+    warcio's own reader, on a deflate error in the middle of a member, writes the error to stderr and
+    reads the compressed bytes that follow as if they were plain text: a damaged record then turns into
+    garbage records that swallow its good neighbours. This reader raises instead (zlib's error, or its
+    CRC-32 and size check at the member's end) and says where the member ended.
+    """
+
+    def __init__(self, f: Any, start: int) -> None:
+        self.f, self.pos = f, start
+        self.z = zlib.decompressobj(wbits=31)  # a gzip header; the CRC-32 and size are checked at the end
+        self.end: int | None = None  # the offset after the member, once its trailer has been checked
+        self.at_eof = False  # the file ended before the member did
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        want = _SCAN_CHUNK if size is None or size < 0 else max(size, 1)
+        while self.end is None and not self.at_eof:
+            self.f.seek(self.pos)
+            raw = self.f.read(_MEMBER_READ)
+            if not raw:
+                self.at_eof = True
+                break
+            out = self.z.decompress(raw, want)
+            if self.z.eof:  # the leftover input is in unused_data (and, after an output limit, in unconsumed_tail too)
+                self.pos += len(raw) - len(self.z.unused_data)
+                self.end = self.pos
+            else:
+                self.pos += len(raw) - len(self.z.unconsumed_tail)
+            if out:
+                return out
+        return b""
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def finish(self) -> None:
+        """Read the member to its end, so that its trailer is checked."""
+        while self.read(_SCAN_CHUNK):
+            pass
+
+
+def _iter_gzip(f: Any, max_bytes: int, check_digests: bool) -> Iterator[dict[str, Any]]:
+    """The records of a .warc.gz member by member: a damaged member is one error, its neighbours kept.
+
+    A member's records are held back until its trailer has been checked (a standard .warc.gz has one
+    record per member); a file that is one big member yields its records in batches, checked by their
+    digests alone.
+    """
+    pos = 0
+    while True:
+        f.seek(pos)
+        head = f.read(len(_GZIP_MAGIC))
+        if not head:
+            return
+        if head != _GZIP_MAGIC:  # padding or garbage after a member
+            f.seek(pos)
+            if not f.read(1 << 16).strip(b"\r\n\t \0"):
+                return
+            yield {"offset": pos, "error": "bytes after a gzip member that start no gzip member"}
+            nxt = _next_boundary(f, pos + 1, True)
+            if nxt is None:
+                return
+            pos = nxt
+            continue
+        member = _GzipMember(f, pos)
+        held: list[dict[str, Any]] = []
+        held_bytes = 0
+        try:
+            for record in ArchiveIterator(member, arc2warc=True, check_digests=check_digests):
+                item = _read_record(record, max_bytes)
+                item["offset"] = pos  # the member that holds the record: what a CDX index points at
+                held.append(item)
+                held_bytes += len(item["payload"] or b"")
+                if len(held) >= ANALYSE_BATCH_RECORDS or held_bytes >= ANALYSE_BATCH_BYTES:
+                    yield from held
+                    held, held_bytes = [], 0
+            member.finish()
+        except Exception as e:  # zlib, warcio and the HTTP header parser each raise their own kinds
+            if member.at_eof:
+                yield {"offset": pos, "error": "the file ends inside a record", "reason": "truncated_record"}
+                return
+            yield {"offset": pos, "error": f"{type(e).__name__}: {str(e)[:200]}".strip()}
+            nxt = _next_boundary(f, pos + 1, True)
+            if nxt is None:
+                return
+            pos = nxt
+            continue
+        yield from held
+        if member.end is None:  # the file ends inside this member
+            if not any(h["truncated"] for h in held):
+                yield {"offset": pos, "error": "the file ends inside a record", "reason": "truncated_record"}
+            return
+        pos = member.end
+
+
 def iter_warc(f: Any, max_bytes: int, check_digests: bool = True) -> Iterator[dict[str, Any]]:
     """Every record of an open, seekable WARC/ARC file as a dict; a damaged one as {"error": ...}."""
     f.seek(0)
-    gzipped = f.read(3) == _GZIP_MAGIC
+    if f.read(3) == _GZIP_MAGIC:
+        yield from _iter_gzip(f, max_bytes, check_digests)
+        return
     pos = 0
     while True:
         f.seek(pos)
@@ -173,7 +280,7 @@ def iter_warc(f: Any, max_bytes: int, check_digests: bool = True) -> Iterator[di
         except Exception as e:  # warcio, zlib and the HTTP header parser each raise their own kinds
             bad = it.offset  # the record being read, or the one after the last good record
             yield {"offset": bad, "error": f"{type(e).__name__}: {str(e)[:200]}".strip()}
-            nxt = _next_boundary(f, bad + 1, gzipped)
+            nxt = _next_boundary(f, bad + 1, False)
             if nxt is None:
                 return
             pos = nxt
