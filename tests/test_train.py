@@ -241,3 +241,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, inpu
         run(tmp_path, inputs, optim={"lr": 1e30, "warmup_steps": 0, "grad_clip": 0}, max_steps=40, save_every=1)
     ckpts = [p for p in (tmp_path / "store" / "train").glob(".staging-*/checkpoints/step*")]
     assert ckpts, "no checkpoint kept"
+
+
+def test_the_checkpoint_pointer_names_whole_checkpoints_only(tmp_path):
+    from tasks.train import checkpoints
+
+    d = tmp_path / "ckpt"
+    for step in (8, 16, 24, 32):
+        (d / f"step{step}").mkdir(parents=True)
+    assert checkpoints.latest(str(d)) is None  # no pointer yet: a fresh start
+    (d / "latest").write_text("")  # a pointer cut off while written (DeepSpeed truncates, then writes)
+    assert checkpoints.latest(str(d)) is None
+    (d / "latest").write_text("step40")  # names a checkpoint that is not there
+    assert checkpoints.latest(str(d)) is None
+    (d / "latest").write_text("step16")  # a resumed run whose newer, half-written step24/32 remain
+    checkpoints.prune(str(d), "step", 1)
+    assert sorted(os.listdir(d)) == ["latest", "step16", "step32"]  # what the pointer names survives pruning
+    assert checkpoints.latest(str(d)) == "step16"

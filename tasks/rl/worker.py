@@ -17,13 +17,13 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tasks.train import checkpoints
 from tasks.train.worker import EXIT_NAN, emit
 
 
@@ -136,7 +136,7 @@ class RLRecipe:
     def _resume(self) -> None:
         import torch
 
-        tag = _latest(os.path.join(self.ckpt_dir, "policy"))
+        tag = checkpoints.latest(os.path.join(self.ckpt_dir, "policy"))
         if not tag:
             return
         _, client = self.policy.load_checkpoint(os.path.join(self.ckpt_dir, "policy"), tag=tag)
@@ -406,11 +406,11 @@ class RLRecipe:
         tag = f"iter{self.state.iteration}"
         client = {"kiln_state": asdict(self.state), "kiln_rng": torch.get_rng_state()}
         if self.critic is not None:  # the critic first: a policy checkpoint names a tag both engines have
-            self.critic.save_checkpoint(os.path.join(self.ckpt_dir, "critic"), tag=tag, client_state=client)
-        self.policy.save_checkpoint(os.path.join(self.ckpt_dir, "policy"), tag=tag, client_state=client)
+            checkpoints.save(self.critic, os.path.join(self.ckpt_dir, "critic"), tag, client, self.rank)
+        checkpoints.save(self.policy, os.path.join(self.ckpt_dir, "policy"), tag, client, self.rank)
         if self.rank == 0:
             for sub in ("policy", "critic"):
-                _prune(os.path.join(self.ckpt_dir, sub), self.cfg.keep_checkpoints)
+                checkpoints.prune(os.path.join(self.ckpt_dir, sub), "iter", self.cfg.keep_checkpoints)
             emit("checkpoint", iteration=self.state.iteration, tag=tag)
 
     def export(self) -> None:
@@ -458,26 +458,6 @@ class RLRecipe:
         if self.critic is not None:
             self.critic.destroy()
         dist.destroy_process_group()
-
-
-def _latest(directory: str) -> str | None:
-    path = os.path.join(directory, "latest")
-    if os.path.exists(path):
-        with open(path) as f:
-            tag = f.read().strip()
-        if os.path.isdir(os.path.join(directory, tag)):
-            return tag
-    return None
-
-
-def _prune(directory: str, keep: int) -> None:
-    if not os.path.isdir(directory):
-        return
-    tags = sorted(
-        (d for d in os.listdir(directory) if d.startswith("iter") and d[4:].isdigit()), key=lambda d: int(d[4:])
-    )
-    for tag in tags[:-keep]:
-        shutil.rmtree(os.path.join(directory, tag), ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

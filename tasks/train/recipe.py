@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tasks.train import checkpoints
 from tasks.train.config import TrainConfig
 from tasks.train.data import Sampler, full_pass
 from tasks.train.model import build_model, merged_model, model_flops_per_token, peak_tflops
@@ -109,7 +110,7 @@ class Recipe:
         )
 
         self.objective.prepare(self)  # the engine holds the starting weights (DPO's reference is taken here)
-        tag = _latest_checkpoint(self.ckpt_dir)
+        tag = checkpoints.latest(self.ckpt_dir)
         if tag:
             _, client = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
             known = {k: v for k, v in (client or {}).get("kiln_state", {}).items() if k in TrainState.__annotations__}
@@ -246,10 +247,11 @@ class Recipe:
     def save_checkpoint(self, final: bool = False) -> None:
         """A resumable DeepSpeed checkpoint (weights, optimizer, scheduler, TrainState)."""
         tag = f"step{self.state.step}"
-        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state={"kiln_state": asdict(self.state)})
+        checkpoints.save(self.engine, self.ckpt_dir, tag, {"kiln_state": asdict(self.state)}, self.rank)
         if self.rank == 0:
-            _prune(self.ckpt_dir, "step", self.cfg.keep_checkpoints)
-            _prune(self.ckpt_dir, "best-step", 2)  # the newest, and the one the previous checkpoint refers to
+            checkpoints.prune(self.ckpt_dir, "step", self.cfg.keep_checkpoints)
+            # the newest best, and the one the previous checkpoint refers to
+            checkpoints.prune(self.ckpt_dir, "best-step", 2)
             self.emit("checkpoint", step=self.state.step, tag=tag, final=final)
 
     def save_best(self) -> None:
@@ -346,22 +348,3 @@ class Recipe:
             self.writer.close()
         self.engine.destroy()
         dist.destroy_process_group()
-
-
-def _latest_checkpoint(ckpt_dir: str) -> str | None:
-    path = os.path.join(ckpt_dir, "latest")
-    if os.path.exists(path):
-        with open(path) as f:
-            tag = f.read().strip()
-        if os.path.isdir(os.path.join(ckpt_dir, tag)):
-            return tag
-    return None
-
-
-def _prune(ckpt_dir: str, prefix: str, keep: int) -> None:
-    tags = sorted(
-        (d for d in os.listdir(ckpt_dir) if d.startswith(prefix) and d[len(prefix) :].isdigit()),
-        key=lambda d: int(d[len(prefix) :]),
-    )
-    for tag in tags[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
