@@ -428,7 +428,9 @@ def test_a_preference_objective_needs_a_preference_dataset(tmp_path):
 def loop_config(root: str, policy: str, prompts: str, objective: str, rounds: int, steps: int, beta: float) -> dict:
     return {
         "store": {"root": root},
-        "prompts": {"paths": [prompts]},
+        # a fixed source label: the prompts' ids, and so the held-out pairs, are the same in every test
+        # directory (a text file's line ids otherwise follow its path)
+        "prompts": {"paths": [prompts], "source": "loop-prompts"},
         "loop": {
             "kind": "preference",
             "rounds": rounds,
@@ -481,9 +483,9 @@ def test_simpo_loop_raises_the_mean_score_of_fresh_samples(simpo_loop):
     assert [r["round"] for r in rounds] == ["r1", "r2", "final"]
     first, last = rounds[0]["mean_score"], rounds[-1]["mean_score"]
     assert last >= 3 * first and last > 0.3, rounds
-    # ~13 held-out pairs whose split follows the prompt file's path (see the DPO test below): >= 0.9 on
-    # most splits, 0.846 on one
-    assert _validation(refs, "loop.r2.train")["accuracy"] >= 0.75
+    # about 8 held-out pairs, the same in every run (the prompts' fixed source label): 1.0 here; the
+    # threshold leaves room for one pair to flip on another CPU's rounding
+    assert _validation(refs, "loop.r2.train")["accuracy"] >= 0.85
     report = open(os.path.join(refs["loop.report"]["path"], "report.md")).read()
     assert "![mean score by round](data:image/png;base64," in report and "## Sample pairs" in report
     # a rerun of the finished loop: every stage of every round comes back from cache
@@ -498,15 +500,16 @@ def test_simpo_loop_raises_the_mean_score_of_fresh_samples(simpo_loop):
 def test_dpo_loop_raises_the_mean_score_of_fresh_samples(tmp_path, policy):
     from flows.pipeline import pipeline
 
-    prompts = write_prompts(str(tmp_path / "prompts.txt"), 48)
+    prompts = write_prompts(str(tmp_path / "prompts.txt"), 96)
     cfg = loop_config(str(tmp_path / "store"), policy, prompts, "dpo", rounds=3, steps=32, beta=1.0)
     refs = pipeline(config=PipelineConfig.model_validate(cfg))
     rounds = _rounds(refs)
     assert rounds[-1]["mean_score"] >= 3 * rounds[0]["mean_score"], rounds
-    # about 10-13 held-out pairs, each worth 0.08-0.1, and which pairs are held out follows the prompts'
-    # ids, which come from the prompt file's path: every test run gets another split. Round 3's accuracy
-    # read 0.8-1.0 over six splits of this test's setting (BENCHMARKS.md); chance is 0.5
-    assert _validation(refs, "loop.r3.train")["accuracy"] >= 0.75
+    # 21 held-out pairs, the same in every run (the prompts' fixed source label). Round 3 reads 0.905 here
+    # (19 of 21) in every directory; with 48 prompts (11 pairs) it read 0.545 on this split and 0.8-1.0 on
+    # six others (BENCHMARKS.md, bench/bench_dpo_splits.py): too few pairs to judge. The threshold leaves
+    # room for one pair to flip on another CPU's rounding; chance is 0.5
+    assert _validation(refs, "loop.r3.train")["accuracy"] >= 0.85
     reference = os.path.join(refs["loop.r1.train"]["path"], "checkpoints", "reference_logps.safetensors")
     assert os.path.exists(reference)  # the starting model's log-probs, kept beside the checkpoints
 

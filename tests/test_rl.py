@@ -281,7 +281,7 @@ def ppo_run(tmp_path_factory, prefect_harness):
     policy = make_char_policy(str(d / "policy"))
     cfg = {
         "store": {"root": str(d / "store")},
-        "prompts": {"paths": [write_prompts(str(d / "p.txt"), 48)]},
+        "prompts": {"paths": [write_prompts(str(d / "p.txt"), 48)], "source": "ppo-prompts"},
         "rl": {
             **rl_block("ppo", 12),
             "policy": {"name_or_path": policy},
@@ -356,7 +356,7 @@ def test_simulated_feedback_reward_model_and_rloo_raise_the_true_reward(tmp_path
     sample = {"samples": 4, "temperature": 1.0, "max_new_tokens": 16, "template": "alpaca"}
     cfg = {
         "store": {"root": str(tmp_path / "store")},
-        "prompts": {"paths": [write_prompts(str(tmp_path / "p.txt"), 96)]},
+        "prompts": {"paths": [write_prompts(str(tmp_path / "p.txt"), 96)], "source": "rm-prompts"},
         "generate": {"model_path": policy, **sample},
         "truth": {"kind": "score", **truth},
         "feedback": {"ui": False, "pairs_per_prompt": 3, "judge": truth},
