@@ -2,10 +2,12 @@
 
 The DPO loop of tests/test_prefs.py (a random character-vocabulary Llama, the share of "a" in a reply as
 the reward, 3 rounds) run into DIR: the prompts' ids, and so the held-out pairs, follow the prompts'
-source label (by default the prompt file's path, so each DIR is another split; `--source` fixes it). Prints each round's held-out accuracy and the mean score of fresh
-samples by round. See BENCHMARKS.md ("DPO's held-out preference accuracy depends on the split").
+source label (by default the prompt file's path, so each DIR is another split; `--source` fixes it).
+Prints each round's held-out accuracy and the mean score of fresh samples by round. See BENCHMARKS.md
+("DPO's held-out preference accuracy depends on the split").
 
-    .venv/bin/python bench/bench_dpo_splits.py /tmp/split1 [--prompts 48] [--steps 32] [--min-margin 0] [--source LABEL]
+    .venv/bin/python bench/bench_dpo_splits.py /tmp/split1 [--prompts 48] [--steps 32] [--min-margin 0] \
+        [--source LABEL]
 """
 
 from __future__ import annotations
