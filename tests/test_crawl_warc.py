@@ -179,6 +179,18 @@ def test_a_damaged_member_never_turns_into_garbage_records(tmp_path, capsys):
     assert "decompress" not in capsys.readouterr().err
 
 
+def test_a_file_compressed_as_one_gzip_member(tmp_path):
+    import gzip
+
+    one = gzip.compress(write_warc(tmp_path / "plain.warc", False, _many))  # not per record: one member
+    whole = list(iter_warc(io.BytesIO(one), 16 * 1024))
+    assert [it["uri"] for it in whole] == [f"http://site.test/p{i}" for i in range(6)]
+    cut = list(iter_warc(io.BytesIO(one[: len(one) * 3 // 4]), 16 * 1024))
+    kept = [it["uri"] for it in cut if "error" not in it and not it["truncated"]]
+    assert kept == [f"http://site.test/p{i}" for i in range(len(kept))] and len(kept) >= 3
+    assert len(cut) == len(kept) + 1 and (cut[-1].get("reason") == "truncated_record" or cut[-1]["truncated"])
+
+
 def test_truncated_files_keep_their_whole_records(tmp_path):
     gz = write_warc(tmp_path / "full.warc.gz", True, _many)
     (tmp_path / "cut.warc.gz").write_bytes(gz[: len(gz) - 200])

@@ -240,9 +240,12 @@ def _iter_gzip(f: Any, max_bytes: int, check_digests: bool) -> Iterator[dict[str
                     held, held_bytes = [], 0
             member.finish()
         except Exception as e:  # zlib, warcio and the HTTP header parser each raise their own kinds
-            if member.at_eof:
+            if member.at_eof:  # cut off, not damaged: the records read whole before the cut are kept
+                yield from (h for h in held if not h["truncated"])
                 yield {"offset": pos, "error": "the file ends inside a record", "reason": "truncated_record"}
                 return
+            # damaged: nothing of the member is trusted (the records of a one-member file held since the
+            # last batch are lost with it)
             yield {"offset": pos, "error": f"{type(e).__name__}: {str(e)[:200]}".strip()}
             nxt = _next_boundary(f, pos + 1, True)
             if nxt is None:
