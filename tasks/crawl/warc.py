@@ -113,6 +113,14 @@ def _next_boundary(f: Any, start: int, gzipped: bool) -> int | None:
         pos += len(chunk)
 
 
+def _damaged(offset: int, e: Exception) -> dict[str, Any]:
+    return {"offset": offset, "error": f"{type(e).__name__}: {str(e)[:200]}".strip()}
+
+
+def _cut_off(offset: int) -> dict[str, Any]:
+    return {"offset": offset, "error": "the file ends inside a record", "reason": "truncated_record"}
+
+
 def _read_record(record: Any, max_bytes: int) -> dict[str, Any]:
     h = record.rec_headers
     item: dict[str, Any] = {
@@ -166,7 +174,7 @@ class _GzipMember(io.RawIOBase):
     """
 
     def __init__(self, f: Any, start: int) -> None:
-        self.f, self.pos = f, start
+        self.f, self.next = f, start  # the offset of the first byte not yet read from the file
         self.z = zlib.decompressobj(wbits=31)  # a gzip header; the CRC-32 and size are checked at the end
         self.end: int | None = None  # the offset after the member, once its trailer has been checked
         self.at_eof = False  # the file ended before the member did
@@ -177,17 +185,17 @@ class _GzipMember(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         want = _SCAN_CHUNK if size is None or size < 0 else max(size, 1)
         while self.end is None and not self.at_eof:
-            self.f.seek(self.pos)
-            raw = self.f.read(_MEMBER_READ)
+            raw = self.z.unconsumed_tail  # input left over when the last call hit its output limit
             if not raw:
-                self.at_eof = True
-                break
+                self.f.seek(self.next)
+                raw = self.f.read(_MEMBER_READ)
+                if not raw:
+                    self.at_eof = True
+                    break
+                self.next += len(raw)
             out = self.z.decompress(raw, want)
-            if self.z.eof:  # the leftover input is in unused_data (and, after an output limit, in unconsumed_tail too)
-                self.pos += len(raw) - len(self.z.unused_data)
-                self.end = self.pos
-            else:
-                self.pos += len(raw) - len(self.z.unconsumed_tail)
+            if self.z.eof:  # what the member did not use of the bytes read
+                self.end = self.next - len(self.z.unused_data)
             if out:
                 return out
         return b""
@@ -242,11 +250,11 @@ def _iter_gzip(f: Any, max_bytes: int, check_digests: bool) -> Iterator[dict[str
         except Exception as e:  # zlib, warcio and the HTTP header parser each raise their own kinds
             if member.at_eof:  # cut off, not damaged: the records read whole before the cut are kept
                 yield from (h for h in held if not h["truncated"])
-                yield {"offset": pos, "error": "the file ends inside a record", "reason": "truncated_record"}
+                yield _cut_off(pos)
                 return
             # damaged: nothing of the member is trusted (the records of a one-member file held since the
             # last batch are lost with it)
-            yield {"offset": pos, "error": f"{type(e).__name__}: {str(e)[:200]}".strip()}
+            yield _damaged(pos, e)
             nxt = _next_boundary(f, pos + 1, True)
             if nxt is None:
                 return
@@ -255,7 +263,7 @@ def _iter_gzip(f: Any, max_bytes: int, check_digests: bool) -> Iterator[dict[str
         yield from held
         if member.end is None:  # the file ends inside this member
             if not any(h["truncated"] for h in held):
-                yield {"offset": pos, "error": "the file ends inside a record", "reason": "truncated_record"}
+                yield _cut_off(pos)
             return
         pos = member.end
 
@@ -278,11 +286,11 @@ def iter_warc(f: Any, max_bytes: int, check_digests: bool = True) -> Iterator[di
             end = it.offset
             f.seek(end)
             if f.read(1 << 16).strip(b"\r\n\t \0"):  # a record cut short before warcio saw its headers
-                yield {"offset": end, "error": "the file ends inside a record", "reason": "truncated_record"}
+                yield _cut_off(end)
             return
         except Exception as e:  # warcio, zlib and the HTTP header parser each raise their own kinds
             bad = it.offset  # the record being read, or the one after the last good record
-            yield {"offset": bad, "error": f"{type(e).__name__}: {str(e)[:200]}".strip()}
+            yield _damaged(bad, e)
             nxt = _next_boundary(f, bad + 1, False)
             if nxt is None:
                 return
